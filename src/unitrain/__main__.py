@@ -1,0 +1,5 @@
+import sys
+
+from unitrain.cli import main
+
+sys.exit(main())

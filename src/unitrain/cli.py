@@ -1,0 +1,55 @@
+"""`unitrain` command line: one subcommand per module in `unitrain.commands`, imported only when used.
+
+Each command module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+A `UnitrainError` is printed as one line (`error: ...`) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from unitrain.errors import UnitrainError
+
+COMMANDS = {
+    "prepare": "tokenize a dataset into a memory-mapped token dataset",
+    "inspect": "show a prepared dataset's metadata and decoded samples",
+    "train": "train a model (pretraining, SFT or DPO) from a YAML config",
+    "score": "write per-pair log-probs of a model (and a reference) on a preference dataset",
+    "export": "write a Hugging Face checkpoint from a training checkpoint",
+    "plot": "draw the training curves of a run as a PNG",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unitrain", description="Pretraining, SFT and DPO from one token format.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(f"unitrain.commands.{name}").add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command if command in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 1
+    module = importlib.import_module(f"unitrain.commands.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except UnitrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

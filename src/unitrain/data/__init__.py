@@ -1,0 +1,15 @@
+"""Data side: GPTSample, the memmap token format, prepare, sampling and packing into PackedBatch."""
+
+from unitrain.data.batch import PackedBatch
+from unitrain.data.sample import GPTSample
+
+__all__ = ["GPTSample", "PackedBatch", "GPTMemmapDataset"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `import unitrain.data` stays cheap for code that never opens a dataset.
+    if name == "GPTMemmapDataset":
+        from unitrain.data.memmap import GPTMemmapDataset
+
+        return GPTMemmapDataset
+    raise AttributeError(name)
