@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite on a fresh machine: installs (idempotent), then pytest. Extra arguments go to pytest,
+# e.g. `scripts/test.sh -m slow` for the slow tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+python3 -m pytest -q "$@"
