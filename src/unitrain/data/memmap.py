@@ -1,0 +1,427 @@
+"""The on-disk token format: one writer (`DatasetWriter`, `write_dataset`) and one reader (`GPTMemmapDataset`).
+
+A dataset is a directory: `metadata.json`, optional `tokenizer/`, and shards `shard-NNNNN.tokens` (a header, then
+every token of the shard back to back) + `shard-NNNNN.index` (a header, then document offsets and the optional span
+sections). Layout byte by byte: docs/data-format.md. Trade-off: documents are read with zero copies through
+`mmap`, so every size is checked once at open (a truncated file fails there, naming the file), and the spans are
+validated vectorized at open rather than trusted at read time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from unitrain.data.sample import GPTSample
+from unitrain.errors import UnitrainError
+
+FORMAT_NAME = "unitrain-memmap"
+FORMAT_VERSION = 1
+TOKENS_MAGIC = b"UNITOKNS"
+INDEX_MAGIC = b"UNIINDEX"
+HEADER_BYTES = 64
+# tokens header: magic, version, dtype code, num_tokens; index header: magic, version, flags, docs, tokens, spans.
+TOKENS_HEADER = struct.Struct("<8sIIQ")
+INDEX_HEADER = struct.Struct("<8sIIQQQ")
+FLAG_LOSS_SPANS = 1
+FLAG_PREFERENCE = 2
+DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+KINDS = ("pretraining", "sft", "preference")
+DEFAULT_SHARD_TOKENS = 1 << 30
+
+
+def token_dtype_code(vocab_size: int) -> int:
+    """uint16 (code 1) when every id fits, else uint32 (code 2)."""
+    return 1 if vocab_size <= 1 << 16 else 2
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _ShardWriter:
+    """Streams one shard: tokens go to disk as documents arrive; the index is written at close."""
+
+    def __init__(self, directory: Path, name: str, dtype_code: int, kind: str) -> None:
+        self.name = name
+        self.tokens_path = directory / f"{name}.tokens"
+        self.index_path = directory / f"{name}.index"
+        self.dtype = DTYPES[dtype_code]
+        self.dtype_code = dtype_code
+        self.kind = kind
+        self.handle = open(self.tokens_path, "wb")
+        self.handle.write(b"\0" * HEADER_BYTES)
+        self.lengths: list[int] = []
+        self.loss_spans: list[np.ndarray] = []
+        self.preference_spans: list[tuple[int, int]] = []
+        self.num_tokens = 0
+
+    def add(self, sample: GPTSample) -> None:
+        self.handle.write(np.ascontiguousarray(sample.token_ids, dtype=self.dtype).tobytes())
+        self.lengths.append(len(sample.token_ids))
+        self.num_tokens += len(sample.token_ids)
+        if self.kind == "sft":
+            spans = sample.loss_masking_spans
+            self.loss_spans.append(
+                np.zeros((0, 2), np.int32) if spans is None else np.asarray(spans, np.int32)
+            )
+        elif self.kind == "preference":
+            self.preference_spans.append((sample.chosen_span[0], sample.rejected_span[0]))
+
+    def close(self) -> dict:
+        self.handle.seek(0)
+        self.handle.write(TOKENS_HEADER.pack(TOKENS_MAGIC, FORMAT_VERSION, self.dtype_code, self.num_tokens))
+        self.handle.close()
+        offsets = np.zeros(len(self.lengths) + 1, np.int64)  # (n + 1,)
+        np.cumsum(self.lengths, out=offsets[1:])
+        sections = [offsets.tobytes()]
+        flags, num_spans = 0, 0
+        if self.kind == "sft":
+            flags |= FLAG_LOSS_SPANS
+            counts = np.array([len(s) for s in self.loss_spans], np.int64)
+            span_offsets = np.zeros(len(counts) + 1, np.int64)  # (n + 1,)
+            np.cumsum(counts, out=span_offsets[1:])
+            table = np.concatenate(self.loss_spans + [np.zeros((0, 2), np.int32)]).astype("<i4")  # (m, 2)
+            num_spans = len(table)
+            sections += [span_offsets.tobytes(), table.tobytes(), b"\0" * (-table.nbytes % 8)]
+        if self.kind == "preference":
+            flags |= FLAG_PREFERENCE
+            # (n, 2): chosen begin, rejected begin (chosen ends where rejected begins; rejected ends the document)
+            pairs = np.array(self.preference_spans, "<i4").reshape(-1, 2)
+            sections += [pairs.tobytes(), b"\0" * (-pairs.nbytes % 8)]
+        header = INDEX_HEADER.pack(
+            INDEX_MAGIC, FORMAT_VERSION, flags, len(self.lengths), self.num_tokens, num_spans
+        )
+        with open(self.index_path, "wb") as handle:
+            handle.write(header.ljust(HEADER_BYTES, b"\0"))
+            for section in sections:
+                handle.write(section)
+        return {
+            "name": self.name,
+            "num_documents": len(self.lengths),
+            "num_tokens": self.num_tokens,
+            "tokens_bytes": self.tokens_path.stat().st_size,
+            "index_bytes": self.index_path.stat().st_size,
+            "tokens_sha256": _sha256_file(self.tokens_path),
+            "index_sha256": _sha256_file(self.index_path),
+        }
+
+
+class DatasetWriter:
+    """Writes a dataset into `<output>.tmp-<pid>` beside the target and renames it into place on `close()`.
+
+    Use as a context manager: an exception inside the block removes the temporary directory, so an interrupted
+    write leaves nothing that loads as a dataset. `tokenizer_files` are copied into `<output>/tokenizer/`.
+    """
+
+    def __init__(
+        self,
+        output: str | Path,
+        kind: str,
+        *,
+        vocab_size: int,
+        eos_id: int | None,
+        bos_id: int | None = None,
+        tokenizer_files: Iterable[str | Path] = (),
+        max_shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        overwrite: bool = False,
+    ) -> None:
+        if kind not in KINDS:
+            raise UnitrainError(f"unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}")
+        self.output = Path(output)
+        if self.output.exists() and not overwrite:
+            raise UnitrainError(f"{self.output} already exists; pass --overwrite to replace it")
+        self.kind = kind
+        self.vocab_size = int(vocab_size)
+        self.eos_id = eos_id
+        self.bos_id = bos_id
+        self.max_shard_tokens = max_shard_tokens
+        self.overwrite = overwrite
+        self.dtype_code = token_dtype_code(self.vocab_size)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.temp, ignore_errors=True)
+        self.temp.mkdir()
+        self.tokenizer_files = [Path(f) for f in tokenizer_files]
+        self.shards: list[dict] = []
+        self.current: _ShardWriter | None = None
+
+    def add(self, sample: GPTSample) -> None:
+        if self.kind == "preference" and not sample.is_preference:
+            raise ValueError("a preference dataset takes only samples with chosen/rejected spans")
+        if len(sample.token_ids) and int(np.max(sample.token_ids)) >= self.vocab_size:
+            raise ValueError(f"token id {int(np.max(sample.token_ids))} >= vocab_size {self.vocab_size}")
+        if self.current is None:
+            self.current = self._new_shard()
+        self.current.add(sample)
+        if self.current.num_tokens >= self.max_shard_tokens:
+            self.shards.append(self.current.close())
+            self.current = None
+
+    def _new_shard(self) -> _ShardWriter:
+        return _ShardWriter(self.temp, f"shard-{len(self.shards):05d}", self.dtype_code, self.kind)
+
+    def close(self, metadata_extra: dict | None = None) -> Path:
+        """Finish the shards, write metadata.json, and move the dataset into place. Returns its path."""
+        if self.current is not None or not self.shards:
+            if self.current is None:
+                self.current = self._new_shard()
+            self.shards.append(self.current.close())
+            self.current = None
+        tokenizer_hashes = {}
+        if self.tokenizer_files:
+            (self.temp / "tokenizer").mkdir()
+            for source in self.tokenizer_files:
+                shutil.copyfile(source, self.temp / "tokenizer" / source.name)
+                tokenizer_hashes[source.name] = _sha256_file(source)
+        fingerprint = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/{self.kind}".encode())
+        for shard in self.shards:
+            fingerprint.update(f"{shard['tokens_sha256']}{shard['index_sha256']}".encode())
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "num_documents": sum(s["num_documents"] for s in self.shards),
+            "num_tokens": sum(s["num_tokens"] for s in self.shards),
+            "token_dtype": DTYPES[self.dtype_code].name,
+            "fingerprint": fingerprint.hexdigest(),
+            "tokenizer": {
+                "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id,
+                "eos_id": self.eos_id,
+                "files_sha256": tokenizer_hashes,
+            },
+            "shards": self.shards,
+            **(metadata_extra or {}),
+        }
+        (self.temp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        if self.output.exists():
+            shutil.rmtree(self.output)
+        os.replace(self.temp, self.output)
+        return self.output
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.handle.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_dataset(
+    path: str | Path,
+    samples: Iterable[GPTSample],
+    kind: str,
+    *,
+    vocab_size: int | None = None,
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+    metadata_extra: dict | None = None,
+    max_shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = False,
+) -> Path:
+    """Write GPTSamples straight to a dataset (for tests and tools that need no tokenizer).
+
+    `vocab_size` defaults to the largest token id + 1.
+    """
+    samples = list(samples)
+    if vocab_size is None:
+        vocab_size = 1 + max((int(np.max(s.token_ids)) for s in samples if len(s.token_ids)), default=0)
+    with DatasetWriter(
+        path,
+        kind,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        bos_id=bos_id,
+        max_shard_tokens=max_shard_tokens,
+        overwrite=overwrite,
+    ) as writer:
+        for sample in samples:
+            writer.add(sample)
+        return writer.close(metadata_extra)
+
+
+class _Shard:
+    """One opened, size-checked shard: token and index arrays are zero-copy views of the mapped files."""
+
+    def __init__(self, directory: Path, entry: dict, kind: str) -> None:
+        self.tokens_path = directory / f"{entry['name']}.tokens"
+        self.index_path = directory / f"{entry['name']}.index"
+        tokens_map = _map(self.tokens_path, TOKENS_MAGIC, TOKENS_HEADER.size)
+        _, version, dtype_code, num_tokens = TOKENS_HEADER.unpack_from(tokens_map)
+        _check_version(self.tokens_path, version)
+        if dtype_code not in DTYPES:
+            raise UnitrainError(f"{self.tokens_path}: unknown token dtype code {dtype_code}")
+        dtype = DTYPES[dtype_code]
+        _check_size(self.tokens_path, len(tokens_map), HEADER_BYTES + num_tokens * dtype.itemsize)
+        self.tokens = np.frombuffer(tokens_map, dtype, num_tokens, HEADER_BYTES)  # (T,)
+        index_map = _map(self.index_path, INDEX_MAGIC, INDEX_HEADER.size)
+        _, version, flags, num_docs, index_tokens, num_spans = INDEX_HEADER.unpack_from(index_map)
+        _check_version(self.index_path, version)
+        if index_tokens != num_tokens:
+            raise UnitrainError(
+                f"{self.index_path}: counts {index_tokens} tokens but {self.tokens_path} has {num_tokens}"
+            )
+        sizes = [(num_docs + 1) * 8]
+        if flags & FLAG_LOSS_SPANS:
+            sizes += [(num_docs + 1) * 8, _pad8(num_spans * 8)]
+        if flags & FLAG_PREFERENCE:
+            sizes.append(_pad8(num_docs * 8))
+        _check_size(self.index_path, len(index_map), HEADER_BYTES + sum(sizes))
+        offset = HEADER_BYTES
+        self.offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
+        offset += sizes[0]
+        self.lengths = np.diff(self.offsets)  # (n,)
+        if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (self.lengths < 0).any():
+            raise UnitrainError(
+                f"{self.index_path}: document offsets do not add up to the {num_tokens} tokens"
+            )
+        self.span_offsets = self.span_table = self.preference = None
+        if flags & FLAG_LOSS_SPANS:
+            self.span_offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
+            self.span_table = np.frombuffer(index_map, "<i4", num_spans * 2, offset + sizes[1]).reshape(-1, 2)
+            offset += sizes[1] + sizes[2]
+            self._check_loss_spans(num_spans)
+        if flags & FLAG_PREFERENCE:
+            self.preference = np.frombuffer(index_map, "<i4", num_docs * 2, offset).reshape(-1, 2)  # (n, 2)
+            chosen, rejected = self.preference[:, 0], self.preference[:, 1]
+            if ((chosen < 0) | (chosen >= rejected) | (rejected >= self.lengths)).any():
+                raise UnitrainError(f"{self.index_path}: preference spans out of range")
+        if (kind == "preference") != (self.preference is not None) or (kind == "sft") != (
+            self.span_table is not None
+        ):
+            raise UnitrainError(
+                f"{self.index_path}: span sections (flags {flags}) do not match kind {kind!r}"
+            )
+        if (
+            entry.get("num_documents", num_docs) != num_docs
+            or entry.get("num_tokens", num_tokens) != num_tokens
+        ):
+            raise UnitrainError(f"{self.index_path}: counts differ from metadata.json")
+        self._maps = (tokens_map, index_map)
+
+    def _check_loss_spans(self, num_spans: int) -> None:
+        counts = np.diff(self.span_offsets)  # (n,)
+        if self.span_offsets[0] != 0 or self.span_offsets[-1] != num_spans or (counts < 0).any():
+            raise UnitrainError(
+                f"{self.index_path}: loss-span offsets do not add up to the {num_spans} spans"
+            )
+        doc_lengths = np.repeat(self.lengths, counts)  # (m,) length of each span's document
+        begin, end = self.span_table[:, 0], self.span_table[:, 1]
+        if ((begin < 0) | (begin >= end) | (end > doc_lengths)).any():
+            raise UnitrainError(f"{self.index_path}: loss-masking spans out of range")
+
+
+def _pad8(nbytes: int) -> int:
+    return nbytes + (-nbytes % 8)
+
+
+def _map(path: Path, magic: bytes, header_size: int) -> mmap.mmap:
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < HEADER_BYTES:
+                raise UnitrainError(f"{path}: {size} bytes is too short for a unitrain header (truncated?)")
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise UnitrainError(f"{path}: shard file is missing") from None
+    if mapped[: len(magic)] != magic:
+        raise UnitrainError(
+            f"{path}: not a unitrain file (bad magic {bytes(mapped[:8])!r}, expected {magic!r})"
+        )
+    return mapped
+
+
+def _check_version(path: Path, version: int) -> None:
+    if version > FORMAT_VERSION:
+        raise UnitrainError(
+            f"{path}: format version {version} is newer than this unitrain reads ({FORMAT_VERSION}); upgrade unitrain"
+        )
+
+
+def _check_size(path: Path, actual: int, expected: int) -> None:
+    if actual != expected:
+        raise UnitrainError(
+            f"{path}: {actual} bytes but its header describes {expected} (truncated or corrupted)"
+        )
+
+
+class GPTMemmapDataset:
+    """A prepared dataset opened read-only; all shards read as one sequence of documents."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        metadata_path = self.path / "metadata.json"
+        if not metadata_path.is_file():
+            raise UnitrainError(f"{self.path}: not a prepared dataset (no metadata.json)")
+        try:
+            self.metadata = json.loads(metadata_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UnitrainError(f"{metadata_path}: unreadable JSON ({error})") from None
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT_NAME:
+            raise UnitrainError(f"{metadata_path}: not a unitrain dataset (format is not {FORMAT_NAME!r})")
+        _check_version(metadata_path, int(self.metadata.get("format_version", 0)))
+        self.kind = self.metadata.get("kind")
+        if self.kind not in KINDS:
+            raise UnitrainError(f"{metadata_path}: unknown kind {self.kind!r}")
+        self._shards = [_Shard(self.path, entry, self.kind) for entry in self.metadata["shards"]]
+        counts = [len(shard.lengths) for shard in self._shards]
+        self._shard_starts = np.zeros(len(counts) + 1, np.int64)  # (S + 1,) first document of each shard
+        np.cumsum(counts, out=self._shard_starts[1:])
+        self.document_lengths = np.concatenate([shard.lengths for shard in self._shards])  # (N,)
+        tokenizer = self.metadata.get("tokenizer", {})
+        self.vocab_size: int = tokenizer.get("vocab_size")
+        self.eos_id: int | None = tokenizer.get("eos_id")
+        self.bos_id: int | None = tokenizer.get("bos_id")
+        self.fingerprint: str = self.metadata["fingerprint"]
+        tokenizer_dir = self.path / "tokenizer"
+        self.tokenizer_path: Path | None = tokenizer_dir if tokenizer_dir.is_dir() else None
+
+    def __len__(self) -> int:
+        return int(self._shard_starts[-1])
+
+    def __getitem__(self, index: int) -> GPTSample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} out of range for {len(self)} documents")
+        index = int(index) % len(self)
+        shard_id = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        shard, local = self._shards[shard_id], index - int(self._shard_starts[shard_id])
+        begin, end = int(shard.offsets[local]), int(shard.offsets[local + 1])
+        token_ids = shard.tokens[begin:end]  # (L,) zero-copy view
+        if shard.preference is not None:
+            chosen, rejected = (int(v) for v in shard.preference[local])
+            return GPTSample(token_ids, chosen_span=(chosen, rejected), rejected_span=(rejected, end - begin))
+        if shard.span_table is not None:
+            spans = shard.span_table[shard.span_offsets[local] : shard.span_offsets[local + 1]]  # (k, 2)
+            return GPTSample(token_ids, loss_masking_spans=spans)
+        return GPTSample(token_ids)
+
+    def verify(self) -> None:
+        """Re-hash every shard file against metadata.json (slow: reads everything); raises on a mismatch."""
+        for entry, shard in zip(self.metadata["shards"], self._shards):
+            for path, key in ((shard.tokens_path, "tokens_sha256"), (shard.index_path, "index_sha256")):
+                if _sha256_file(path) != entry[key]:
+                    raise UnitrainError(f"{path}: content differs from the sha256 recorded in metadata.json")
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
