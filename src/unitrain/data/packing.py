@@ -1,0 +1,332 @@
+"""Documents and preference pairs → rows of at most `sequence_length` token slots → PackedBatch.
+
+`plan_rows` decides which items share a row (best-fit decreasing: deterministic, and it leaves almost no empty
+slots because many short items fill the gaps the long ones leave); `collate` turns planned rows into one
+PackedBatch. The trade-off: planning costs one pass over the item lengths (and, for preference or SFT data, the
+spans) before training, and in exchange every objective and every preference layout shares one batch type whose
+targets carry explicit predicting positions, so the model never sees padding and no token is computed twice.
+
+Item lengths (slots used in a row):
+  pretrain    a document split into pieces of at most `sequence_length` tokens; each piece is its own document
+  sft         prompt+chosen for preference data, else the whole document; longer than a row → dropped, counted
+  dpo         share_prompt: prompt + chosen + rejected; otherwise 2·prompt + chosen + rejected (prompt duplicated);
+              mode `separate` puts prompt+chosen and prompt+rejected in two batch rows of their own (as TRL), so
+              a planned row holds one pair and becomes two batch rows
+A preference pair is never split across rows; one that cannot fit is dropped and counted (truncate in
+`unitrain prepare --max-length`, which sees the text).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unitrain.data.batch import (
+    RESPONSE_CHOSEN,
+    RESPONSE_REJECTED,
+    SEGMENT_CHOSEN,
+    SEGMENT_PAD,
+    SEGMENT_PLAIN,
+    SEGMENT_PROMPT,
+    SEGMENT_REJECTED,
+    PackedBatch,
+)
+from unitrain.data.sample import GPTSample
+from unitrain.errors import UnitrainError
+
+OBJECTIVES = ("pretrain", "sft", "dpo")
+MODES = ("separate", "pair", "packed")
+
+
+@dataclass
+class PackingPlan:
+    """Rows planned for one pass. Each row is an int64 array (k, 3) of items `(document index, begin, end)`;
+    `begin, end` is the token range of a pretraining piece and `0, length` otherwise.
+    `row_counts` (num_rows, 3) int64: pairs, targets, and chosen-response targets of each row;
+    `num_slots` the row slots that `efficiency` divides by."""
+
+    rows: list[np.ndarray]
+    efficiency: float
+    dropped: int
+    num_tokens: int
+    row_counts: np.ndarray
+    num_slots: int
+
+
+def check_options(objective: str, mode: str, sequence_length: int) -> None:
+    if objective not in OBJECTIVES:
+        raise UnitrainError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if mode not in MODES:
+        raise UnitrainError(f"packing mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sequence_length < 2:
+        raise UnitrainError(f"sequence_length must be at least 2, got {sequence_length}")
+
+
+def _check_kind(dataset, objective: str) -> None:
+    kind = dataset.kind
+    if objective == "dpo" and kind != "preference":
+        raise UnitrainError(f"objective dpo needs a preference dataset, got a {kind} dataset")
+    if objective == "pretrain" and kind == "preference":
+        raise UnitrainError("objective pretrain needs a pretraining or sft dataset, got a preference dataset")
+
+
+def sft_targets(sample: GPTSample) -> tuple[np.ndarray, int]:
+    """Indices (in the SFT document) of the tokens trained on, and the document length."""
+    if sample.is_preference:
+        prompt_length, length = sample.chosen_span
+        return np.arange(max(prompt_length, 1), length), length
+    length = len(sample.token_ids)
+    keep = np.ones(length, dtype=bool)
+    keep[0] = False  # the first token has no context to predict it from
+    if sample.loss_masking_spans is not None:
+        for begin, end in sample.loss_masking_spans:
+            keep[begin:end] = False
+    return np.flatnonzero(keep), length
+
+
+def _pair_prompt_length(sample: GPTSample, index: int) -> int:
+    if sample.chosen_span[0] == 0:
+        raise UnitrainError(
+            f"pair {index}: empty prompt, so nothing predicts the first response token (prepare with a BOS token)"
+        )
+    return sample.chosen_span[0]
+
+
+def _item_costs(
+    dataset, indices: np.ndarray, objective: str, mode: str, share_prompt: bool, sequence_length: int
+):
+    """Per item: (document index, begin, end, row slots, pairs, targets, chosen targets, real tokens)."""
+    items = []
+    if objective == "pretrain":
+        for index in indices:
+            length = int(dataset.document_lengths[index])
+            for begin in range(0, length, sequence_length):
+                end = min(begin + sequence_length, length)
+                items.append((int(index), begin, end, end - begin, 0, end - begin - 1, 0, end - begin))
+        return items
+    for index in indices:
+        sample = dataset[int(index)]
+        if objective == "sft":
+            targets, length = sft_targets(sample)
+            items.append((int(index), 0, length, length, 0, len(targets), 0, length))
+            continue
+        prompt = _pair_prompt_length(sample, int(index))
+        chosen = sample.chosen_span[1] - sample.chosen_span[0]
+        rejected = sample.rejected_span[1] - sample.rejected_span[0]
+        duplicated = mode == "separate" or not share_prompt
+        tokens = prompt + chosen + rejected + (prompt if duplicated else 0)
+        slots = (
+            prompt + max(chosen, rejected) if mode == "separate" else tokens
+        )  # separate: its longer batch row
+        items.append((int(index), 0, len(sample.token_ids), slots, 1, chosen + rejected, chosen, tokens))
+    return items
+
+
+def plan_rows(
+    dataset, indices, *, objective: str, mode: str, share_prompt: bool, sequence_length: int
+) -> PackingPlan:
+    """Pack the documents `indices` (in the caller's order, which breaks ties) into rows, best-fit decreasing.
+
+    Modes `pair` and `separate` put one pair per row; `packed` and the pretrain/sft objectives fill rows.
+    `efficiency` = real tokens / (row slots counted at `sequence_length`, two batch rows per row in `separate`).
+    """
+    check_options(objective, mode, sequence_length)
+    _check_kind(dataset, objective)
+    indices = np.asarray(indices, dtype=np.int64)
+    items = _item_costs(dataset, indices, objective, mode, share_prompt, sequence_length)
+    fits = [item for item in items if item[3] <= sequence_length]
+    dropped = len(items) - len(fits)
+    one_per_row = objective == "dpo" and mode in ("pair", "separate")
+    order = sorted(range(len(fits)), key=lambda k: -fits[k][3])  # stable: equal sizes keep the caller's order
+    rows: list[list[int]] = []
+    free: list[
+        tuple[int, int]
+    ] = []  # (free slots, row id), sorted: the best fit is the first with enough room
+    for k in order:
+        size = fits[k][3]
+        at = len(free) if one_per_row else bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, row_id = free.pop(at)
+            rows[row_id].append(k)
+        else:
+            room, row_id = sequence_length, len(rows)
+            rows.append([k])
+        if not one_per_row and room - size > 0:
+            bisect.insort(free, (room - size, row_id))
+    plan_rows_items = [np.array([fits[k][:3] for k in row], dtype=np.int64).reshape(-1, 3) for row in rows]
+    row_counts = np.array([[sum(fits[k][c] for k in row) for c in (4, 5, 6)] for row in rows], dtype=np.int64)
+    num_tokens = sum(item[7] for item in fits)
+    batch_rows_per_row = 2 if objective == "dpo" and mode == "separate" else 1
+    slots = len(rows) * sequence_length * batch_rows_per_row
+    return PackingPlan(
+        rows=plan_rows_items,
+        efficiency=num_tokens / slots if slots else 0.0,
+        dropped=dropped,
+        num_tokens=num_tokens,
+        row_counts=row_counts.reshape(-1, 3),
+        num_slots=slots,
+    )
+
+
+class _RowBuilder:
+    """Accumulates the slots and targets of one row; positions are row-local until the batch is assembled."""
+
+    def __init__(self) -> None:
+        self.tokens: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+        self.documents: list[np.ndarray] = []
+        self.segments: list[np.ndarray] = []
+        self.length = 0
+        self.num_documents = 0
+        self.targets: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # tokens, slots, pair, response
+
+    def add(self, tokens: np.ndarray, positions: np.ndarray, segment: int, document: int) -> int:
+        start = self.length
+        self.tokens.append(np.asarray(tokens, dtype=np.int64))
+        self.positions.append(np.asarray(positions, dtype=np.int64))
+        self.documents.append(np.full(len(tokens), document, dtype=np.int64))
+        self.segments.append(np.full(len(tokens), segment, dtype=np.int64))
+        self.length += len(tokens)
+        return start
+
+    def new_document(self) -> int:
+        self.num_documents += 1
+        return self.num_documents - 1
+
+    def target(self, tokens: np.ndarray, slots: np.ndarray, pair: int = -1, response: int = -1) -> None:
+        self.targets.append(
+            (np.asarray(tokens, dtype=np.int64), np.asarray(slots, dtype=np.int64), pair, response)
+        )
+
+
+def _add_response(
+    row: _RowBuilder,
+    response: np.ndarray,
+    segment: int,
+    document: int,
+    last_prompt: int,
+    prompt_length: int,
+    pair: int,
+    kind: int,
+) -> None:
+    start = row.add(response, np.arange(prompt_length, prompt_length + len(response)), segment, document)
+    # the first response token is predicted by the last prompt slot, the others by the slot before them
+    slots = np.concatenate([[last_prompt], np.arange(start, start + len(response) - 1)])
+    row.target(response, slots, pair, kind)
+
+
+def _add_pair(row: _RowBuilder, sample: GPTSample, pair: int, share_prompt: bool) -> None:
+    prompt, chosen, rejected = sample.prompt_ids, sample.chosen_ids, sample.rejected_ids
+    positions = np.arange(len(prompt))
+    document = row.new_document()
+    last = row.add(prompt, positions, SEGMENT_PROMPT, document) + len(prompt) - 1
+    _add_response(row, chosen, SEGMENT_CHOSEN, document, last, len(prompt), pair, RESPONSE_CHOSEN)
+    if not share_prompt:
+        document = row.new_document()
+        last = row.add(prompt, positions, SEGMENT_PROMPT, document) + len(prompt) - 1
+    _add_response(row, rejected, SEGMENT_REJECTED, document, last, len(prompt), pair, RESPONSE_REJECTED)
+
+
+def _add_document(row: _RowBuilder, sample: GPTSample, begin: int, end: int, objective: str) -> None:
+    document = row.new_document()
+    if objective == "pretrain":
+        tokens = sample.token_ids[begin:end]
+        start = row.add(tokens, np.arange(len(tokens)), SEGMENT_PLAIN, document)
+        row.target(tokens[1:], np.arange(start, start + len(tokens) - 1))
+        return
+    keep, length = sft_targets(sample)
+    start = row.add(sample.token_ids[:length], np.arange(length), SEGMENT_PLAIN, document)
+    row.target(sample.token_ids[keep], start + keep - 1)
+
+
+def collate(dataset, rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
+    """Rows from `plan_rows` → one PackedBatch (rows padded to the longest; two batch rows per row in `separate`)."""
+    return collate_samples(
+        [
+            [(dataset[int(index)], int(index), int(begin), int(end)) for index, begin, end in row]
+            for row in rows
+        ],
+        objective=objective,
+        mode=mode,
+        share_prompt=share_prompt,
+    )
+
+
+def collate_samples(rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
+    """Like `collate`, from rows of `(sample, pair index, begin, end)` items already read (from any dataset)."""
+    builders: list[_RowBuilder] = []
+    pair_index: list[int] = []
+    for items in rows:
+        if objective != "dpo":
+            builders.append(_RowBuilder())
+            for sample, _, begin, end in items:
+                _add_document(builders[-1], sample, begin, end, objective)
+            continue
+        if mode != "separate":
+            builders.append(_RowBuilder())
+        for sample, index, _, _ in items:
+            pair = len(pair_index)
+            pair_index.append(index)
+            if mode == "separate":
+                chosen_row, rejected_row = _RowBuilder(), _RowBuilder()
+                _add_pair_separate(chosen_row, rejected_row, sample, pair)
+                builders += [chosen_row, rejected_row]
+            else:
+                _add_pair(builders[-1], sample, pair, share_prompt)
+    return _assemble(builders, pair_index)
+
+
+def _add_pair_separate(
+    chosen_row: _RowBuilder, rejected_row: _RowBuilder, sample: GPTSample, pair: int
+) -> None:
+    prompt = sample.prompt_ids
+    for row, response, segment, kind in (
+        (chosen_row, sample.chosen_ids, SEGMENT_CHOSEN, RESPONSE_CHOSEN),
+        (rejected_row, sample.rejected_ids, SEGMENT_REJECTED, RESPONSE_REJECTED),
+    ):
+        document = row.new_document()
+        last = row.add(prompt, np.arange(len(prompt)), SEGMENT_PROMPT, document) + len(prompt) - 1
+        _add_response(row, response, segment, document, last, len(prompt), pair, kind)
+
+
+def _assemble(builders: list[_RowBuilder], pair_index: list[int]) -> PackedBatch:
+    num_rows = len(builders)
+    width = max((row.length for row in builders), default=0)
+    input_ids = np.zeros((num_rows, width), dtype=np.int64)
+    position_ids = np.zeros((num_rows, width), dtype=np.int64)
+    document_id = np.full((num_rows, width), -1, dtype=np.int64)
+    segment = np.full((num_rows, width), SEGMENT_PAD, dtype=np.int64)
+    target_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for r, row in enumerate(builders):
+        if row.length:
+            input_ids[r, : row.length] = np.concatenate(row.tokens)
+            position_ids[r, : row.length] = np.concatenate(row.positions)
+            document_id[r, : row.length] = np.concatenate(row.documents)
+            segment[r, : row.length] = np.concatenate(row.segments)
+        for tokens, slots, pair, response in row.targets:
+            count = len(tokens)
+            target_parts.append(
+                (
+                    tokens,
+                    r * width + slots,
+                    np.full(count, pair, np.int64),
+                    np.full(count, response, np.int64),
+                )
+            )
+    columns = [np.concatenate(part) if target_parts else np.zeros(0, np.int64) for part in zip(*target_parts)]
+    if not columns:
+        columns = [np.zeros(0, np.int64)] * 4
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),  # (R, T)
+        position_ids=torch.from_numpy(position_ids),  # (R, T)
+        document_id=torch.from_numpy(document_id),  # (R, T)
+        segment=torch.from_numpy(segment),  # (R, T)
+        target_tokens=torch.from_numpy(columns[0]),  # (N,)
+        target_positions=torch.from_numpy(columns[1]),  # (N,) flat r * T + t
+        target_pair=torch.from_numpy(columns[2]),  # (N,)
+        target_response=torch.from_numpy(columns[3]),  # (N,)
+        pair_index=torch.tensor(pair_index, dtype=torch.int64),  # (P,)
+    )
