@@ -1,0 +1,326 @@
+"""Input rows → documents as text segments: reading local files, detecting the schema, validating each row.
+
+A `Document` is a list of text segments with a role each, before tokenization: `plain` (text), `masked` /
+`trained` (SFT), `prompt` / `chosen` / `rejected` (preference). Trade-off: splitting into segments here, and
+tokenizing every segment alone in `tokenize.py`, makes span boundaries exact at token boundaries and keeps the
+prompt tokens identical for both responses, at the price of tokens that can differ from tokenizing the whole
+text at once where a boundary falls inside a word.
+
+Schemas (field names configurable): text `text`; sft `text` + `loss_masking_spans` (character ranges);
+preference `prompt` (or `text`) + `chosen` + `rejected`, or implicit prompt from `chosen` + `rejected` alone;
+conversation `messages`, or `chosen`/`rejected` (and optionally `prompt`) as message lists.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from unitrain.errors import UnitrainError
+
+MODES = ("auto", "text", "sft", "preference", "conversation")
+FIELDS = ("text", "prompt", "chosen", "rejected", "loss_masking_spans", "messages")
+ASSISTANT_MARKER = "\n\nAssistant:"
+ROLES = ("system", "user", "assistant")
+JSON_LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+
+
+class RowError(Exception):
+    """A row that cannot become a document: `reason` is the counting key, `field` the offending field."""
+
+    def __init__(self, reason: str, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+@dataclass
+class Document:
+    row: int
+    segments: list[str]
+    roles: list[str]
+    ignored_spans: bool = False  # the row had loss_masking_spans that this schema ignores
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, bytes | dict]]:
+    """Yield (row index, raw row): JSON lines stay bytes (parsed in the workers), other formats give dicts.
+
+    The row index is the 0-based line number for JSON lines (blank lines are skipped but counted) and the record
+    number otherwise. A missing or unreadable file raises `UnitrainError`.
+    """
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_file() and name.endswith(JSON_LINE_SUFFIXES):
+        yield from _read_json(path)
+    elif path.is_file() and name.endswith((".parquet", ".csv", ".arrow")):
+        yield from enumerate(_load_datasets(source, split, name.rsplit(".", 1)[-1]))
+    elif path.is_dir():
+        yield from enumerate(_load_datasets(source, split, "disk"))
+    elif path.exists() or "/" not in source or source.startswith((".", "/")):
+        raise UnitrainError(
+            f"{source}: not a readable input (expected .jsonl[.gz], .json, .parquet, .csv or a dir)"
+        )
+    else:
+        yield from enumerate(_load_datasets(source, split, "hub"))
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, bytes | dict]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            first = handle.read(1 << 16)
+            if first.lstrip()[:1] == b"[":  # one JSON array, not JSON lines
+                try:
+                    rows = json.loads(first + handle.read())
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                    raise UnitrainError(f"{path}: not valid JSON ({error})") from None
+                yield from enumerate(row if isinstance(row, dict) else b"" for row in rows)
+                return
+            handle.seek(0)
+            for index, line in enumerate(handle):
+                if line.strip():
+                    yield index, line
+    except (OSError, EOFError) as error:
+        raise UnitrainError(f"{path}: cannot be read ({error})") from None
+
+
+def _load_datasets(source: str, split: str, kind: str):
+    import datasets
+
+    try:
+        if kind == "disk":
+            loaded = datasets.load_from_disk(source)
+        elif kind == "hub":
+            loaded = datasets.load_dataset(source, split=split)
+        else:
+            builder = {"arrow": "arrow", "csv": "csv", "parquet": "parquet"}[kind]
+            loaded = datasets.load_dataset(builder, data_files=source, split="train")
+    except Exception as error:  # datasets raises many types; all mean "cannot read this input"
+        raise UnitrainError(
+            f"{source}: cannot be read by datasets ({type(error).__name__}: {error})"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UnitrainError(f"{source}: no split {split!r} (has {', '.join(loaded)})")
+        loaded = loaded[split]
+    for batch in loaded.iter(batch_size=1024):
+        columns = list(batch)
+        yield from (dict(zip(columns, values)) for values in zip(*batch.values()))
+
+
+def parse_row(raw: bytes | dict) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowError("invalid_utf8", None, f"invalid UTF-8 at byte {error.start}") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RowError(
+            "unparsable_line", None, f"not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    if not isinstance(row, dict):
+        raise RowError("unparsable_line", None, f"a JSON {type(row).__name__}, not an object")
+    return row
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def detect_schema(row: dict, mode: str, fields: dict[str, str]) -> str:
+    """The schema of a dataset from its first row: text | sft | preference | implicit | conversation."""
+    present = {name for name in FIELDS if fields[name] in row}
+    lists = {name for name in present if isinstance(row[fields[name]], list)}
+    prompt_present = "prompt" in present or "text" in present
+    if mode == "auto":
+        if "messages" in present or {"chosen", "rejected"} & lists:
+            mode = "conversation"
+        elif {"chosen", "rejected"} <= present:
+            mode = "preference"
+        elif "text" in present:
+            mode = "sft" if "loss_masking_spans" in present else "text"
+        else:
+            wanted = ", ".join(fields[name] for name in ("text", "chosen", "rejected", "messages"))
+            raise UnitrainError(f"cannot detect the schema: the first row has none of the fields {wanted}")
+    if mode == "preference":
+        return "preference" if prompt_present else "implicit"
+    if mode == "conversation" and "messages" not in present and not {"chosen", "rejected"} <= present:
+        raise UnitrainError(
+            f"conversation mode needs {fields['messages']!r} or {fields['chosen']!r}/{fields['rejected']!r}"
+        )
+    return mode
+
+
+def _string(row: dict, fields: dict[str, str], name: str, allow_empty: bool = True) -> str:
+    key = fields[name]
+    if key not in row:
+        raise RowError("missing_field", key, "field is missing")
+    value = row[key]
+    if value is None:
+        raise RowError("null_field", key, "field is null")
+    if not isinstance(value, str):
+        raise RowError("not_string", key, f"expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError("invalid_utf8", key, "contains an unpaired surrogate (not valid UTF-8)") from None
+    if not value and not allow_empty:
+        raise RowError(
+            "empty_response" if name in ("chosen", "rejected") else "empty_text", key, "empty string"
+        )
+    return value
+
+
+def implicit_prompt(chosen: str, rejected: str, marker: str = ASSISTANT_MARKER) -> int:
+    """Length of the implicit prompt: the shared prefix of both texts, cut right after the last `marker` in it.
+
+    Without the marker in the shared prefix, the cut falls before the last whitespace of the shared prefix, so each
+    response keeps its leading space (" Paris" / " Lyon"). Returns 0 when there is no clean shared prefix.
+    """
+    shared = 0
+    limit = min(len(chosen), len(rejected))
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    prefix = chosen[:shared]
+    found = prefix.rfind(marker)
+    if found >= 0:
+        return found + len(marker)
+    return max(prefix.rfind(" "), prefix.rfind("\n"), 0)
+
+
+def _char_spans(row: dict, fields: dict[str, str], length: int) -> list[tuple[int, int]]:
+    key = fields["loss_masking_spans"]
+    value = row.get(key)
+    if value is None:
+        return []
+    try:
+        spans = [(int(begin), int(end)) for begin, end in value]
+    except (TypeError, ValueError):
+        raise RowError("bad_spans", key, "expected a list of [begin, end] character pairs") from None
+    spans.sort()
+    for begin, end in spans:
+        if begin < 0 or end > length:
+            raise RowError(
+                "span_out_of_range", key, f"span [{begin}, {end}) outside the text of {length} chars"
+            )
+        if begin >= end:
+            raise RowError("span_reversed", key, f"span [{begin}, {end}) is empty or reversed")
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        if begin < end:
+            raise RowError("span_overlap", key, f"spans overlap at character {begin}")
+    return spans
+
+
+def _sft_segments(text: str, spans: list[tuple[int, int]]) -> tuple[list[str], list[str]]:
+    segments, roles, cursor = [], [], 0
+    for begin, end in spans:
+        if begin > cursor:
+            segments.append(text[cursor:begin])
+            roles.append("trained")
+        segments.append(text[begin:end])
+        roles.append("masked")
+        cursor = end
+    if cursor < len(text) or not segments:
+        segments.append(text[cursor:])
+        roles.append("trained")
+    return segments, roles
+
+
+def _messages(row: dict, key: str) -> list[dict]:
+    value = row.get(key)
+    if value is None:
+        raise RowError("missing_field" if key not in row else "null_field", key, "field is missing or null")
+    if not isinstance(value, list) or not value:
+        raise RowError("bad_messages", key, "expected a non-empty list of {role, content} messages")
+    for number, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise RowError("bad_messages", key, f"message {number} has no string 'content'")
+        if message.get("role") not in ROLES:
+            raise RowError("unknown_role", key, f"message {number} has unknown role {message.get('role')!r}")
+    for number, (before, after) in enumerate(zip(value, value[1:]), start=1):
+        if before["role"] == after["role"] or (after["role"] == "system"):
+            raise RowError(
+                "bad_role_order", key, f"message {number} ({after['role']}) follows {before['role']}"
+            )
+    return value
+
+
+def _conversation(
+    row: dict, fields: dict[str, str], render: Callable[..., str]
+) -> tuple[list[str], list[str]]:
+    if fields["messages"] in row:
+        messages = _messages(row, fields["messages"])
+        if messages[-1]["role"] != "assistant" or not any(m["role"] == "assistant" for m in messages):
+            raise RowError(
+                "bad_role_order", fields["messages"], "the conversation must end with an assistant turn"
+            )
+        full = render(messages, add_generation_prompt=False)
+        segments, roles, cursor = [], [], 0
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            begin = len(render(messages[:turn], add_generation_prompt=True))
+            end = len(render(messages[: turn + 1], add_generation_prompt=False))
+            if not cursor <= begin < end <= len(full):
+                raise RowError("template_not_prefix_stable", fields["messages"], f"cannot locate turn {turn}")
+            segments += [full[cursor:begin], full[begin:end]]
+            roles += ["masked", "trained"]
+            cursor = end
+        if cursor < len(full):
+            segments.append(full[cursor:])
+            roles.append("masked")
+        return segments, roles
+    chosen = _messages(row, fields["chosen"])
+    rejected = _messages(row, fields["rejected"])
+    if fields["prompt"] in row:
+        prompt = _messages(row, fields["prompt"])
+        chosen, rejected = prompt + chosen, prompt + rejected
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and chosen[shared - 1]["role"] != "user":  # the prompt ends with a user turn
+        shared -= 1
+    if shared == 0:
+        raise RowError(
+            "no_shared_prompt", fields["chosen"], "no shared prompt messages ending in a user turn"
+        )
+    prompt_text = render(chosen[:shared], add_generation_prompt=True)
+    texts = [render(chosen, add_generation_prompt=False), render(rejected, add_generation_prompt=False)]
+    if not all(text.startswith(prompt_text) for text in texts):
+        raise RowError("template_not_prefix_stable", fields["chosen"], "the rendered prompt is not a prefix")
+    return [prompt_text] + [text[len(prompt_text) :] for text in texts], ["prompt", "chosen", "rejected"]
+
+
+def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], render=None) -> Document:
+    """One validated row → a Document of text segments; raises RowError."""
+    if schema == "text":
+        return Document(row_index, [_string(row, fields, "text", allow_empty=False)], ["plain"])
+    if schema == "sft":
+        text = _string(row, fields, "text", allow_empty=False)
+        segments, roles = _sft_segments(text, _char_spans(row, fields, len(text)))
+        return Document(row_index, segments, roles)
+    if schema == "conversation":
+        segments, roles = _conversation(row, fields, render)
+        return Document(row_index, segments, roles)
+    chosen = _string(row, fields, "chosen", allow_empty=False)
+    rejected = _string(row, fields, "rejected", allow_empty=False)
+    if schema == "preference":
+        name = "prompt" if fields["prompt"] in row else "text"
+        prompt = _string(row, fields, name)
+    else:
+        cut = implicit_prompt(chosen, rejected)
+        if cut == 0:
+            raise RowError("no_shared_prompt", fields["chosen"], "chosen and rejected share no prompt")
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+        if not chosen or not rejected:
+            field = fields["chosen"] if not chosen else fields["rejected"]
+            raise RowError("empty_response", field, "the response after the shared prompt is empty")
+    ignored = row.get(fields["loss_masking_spans"]) is not None
+    return Document(row_index, [prompt, chosen, rejected], ["prompt", "chosen", "rejected"], ignored)

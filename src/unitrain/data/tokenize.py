@@ -1,0 +1,236 @@
+"""Tokenizer + chat template wrapper, and text segments → GPTSample with token spans.
+
+Every segment is tokenized alone without special tokens (one `encode_batch_fast` call per chunk of rows, the
+raw `tokenizers` speed), so a character span boundary is always a token boundary and no merge crosses the
+prompt/response boundary. BOS is prepended when the tokenizer defines one; EOS is appended to a document and to
+each response, unless the tokens already end with it. The trade-off is the one of `sources.py`: tokens can differ
+from tokenizing the whole text where a boundary cuts a word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unitrain.data.sample import GPTSample
+from unitrain.data.sources import Document, RowError
+from unitrain.errors import UnitrainError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` loaded from a directory or a `tokenizer.json`, with BOS/EOS and a chat template.
+
+    BOS/EOS come from `tokenizer_config.json` (or `special_tokens_map.json`); without one, from the tokenizer's
+    special added tokens by their usual names (GPT-2: EOS `<|endoftext|>`, no BOS).
+    """
+
+    def __init__(self, path: str | Path, chat_template: str | Path | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        tokenizer_file = path / "tokenizer.json" if path.is_dir() else path
+        if not tokenizer_file.is_file():
+            raise UnitrainError(f"{path}: no tokenizer.json found")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the Rust loader raises a plain Exception
+            raise UnitrainError(f"{tokenizer_file}: cannot load tokenizer ({error})") from None
+        self.files = [tokenizer_file]
+        config: dict = {}
+        if path.is_dir():
+            self.files += [directory / name for name in TOKENIZER_FILES[1:] if (directory / name).is_file()]
+            for name in ("special_tokens_map.json", "tokenizer_config.json"):
+                if (directory / name).is_file():
+                    config.update(json.loads((directory / name).read_text()))
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        self.eos_id = self._special_id(config.get("eos_token"), specials, EOS_CANDIDATES)
+        self.bos_id = self._special_id(config.get("bos_token"), specials, BOS_CANDIDATES)
+        if self.eos_id is None:
+            raise UnitrainError(f"{path}: the tokenizer defines no EOS token")
+        self.chat_template = self._chat_template(config, directory if path.is_dir() else None, chat_template)
+        self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
+        self._template = None
+
+    def _special_id(self, configured, specials: list[str], candidates: tuple[str, ...]) -> int | None:
+        name = _token_name(configured)
+        if name is None:
+            name = next((c for c in candidates if c in specials), None)
+        return None if name is None else self.tokenizer.token_to_id(name)
+
+    @staticmethod
+    def _chat_template(config: dict, directory: Path | None, override: str | Path | None) -> str | None:
+        if override is not None:
+            return Path(override).read_text()
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and directory is not None and (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        return template
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        return None if self.chat_template is None else hashlib.sha256(self.chat_template.encode()).hexdigest()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The chat template applied to `messages`, as text (Hugging Face's Jinja conventions)."""
+        if self.chat_template is None:
+            raise UnitrainError(
+                "conversation data needs a chat template: the tokenizer has none, use --chat-template"
+            )
+        if self._template is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = lambda value, indent=None: json.dumps(
+                value, ensure_ascii=False, indent=indent
+            )
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        special = {
+            "bos_token": "" if self.bos_id is None else self.tokenizer.id_to_token(self.bos_id),
+            "eos_token": self.tokenizer.id_to_token(self.eos_id),
+        }
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        )
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, tokenized alone and without special tokens."""
+        return [
+            encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        ]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_template": None}
+
+
+@dataclass
+class Counters:
+    """What `to_samples` cut or split (dropped rows are reported separately, by reason)."""
+
+    truncated_pairs: int = 0
+    split_documents: int = 0
+    extra_pieces: int = 0
+    ignored_span_rows: list[int] = field(default_factory=list)
+
+    def merge(self, other: Counters) -> None:
+        self.truncated_pairs += other.truncated_pairs
+        self.split_documents += other.split_documents
+        self.extra_pieces += other.extra_pieces
+        self.ignored_span_rows += other.ignored_span_rows
+
+
+def to_samples(
+    documents: list[Document], tokenizer: TextTokenizer, kind: str, max_length: int | None, counters: Counters
+) -> list[tuple[int, GPTSample | RowError]]:
+    """Tokenize a chunk of documents in one batch call; each row gives samples or a RowError, in order."""
+    texts = [segment for document in documents for segment in document.segments]
+    encoded = tokenizer.encode(texts)
+    results, cursor = [], 0
+    for document in documents:
+        pieces = encoded[cursor : cursor + len(document.segments)]
+        cursor += len(document.segments)
+        try:
+            if kind == "preference":
+                counters.ignored_span_rows += [document.row] if document.ignored_spans else []
+                results.append((document.row, _preference(pieces, tokenizer, max_length, counters)))
+            else:
+                results += [
+                    (document.row, s)
+                    for s in _document(pieces, document.roles, tokenizer, kind, max_length, counters)
+                ]
+        except RowError as error:
+            results.append((document.row, error))
+    return results
+
+
+def _with_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+
+
+def _preference(
+    pieces: list[list[int]], tokenizer: TextTokenizer, max_length, counters: Counters
+) -> GPTSample:
+    prompt, chosen, rejected = pieces
+    bos = tokenizer.bos_id
+    if bos is not None and prompt[:1] != [bos]:
+        prompt = [bos] + prompt
+    if not prompt:
+        raise RowError("empty_prompt", "prompt", "the prompt has no tokens (and the tokenizer has no BOS)")
+    for name, ids in (("chosen", chosen), ("rejected", rejected)):
+        if not ids:
+            raise RowError("empty_response", name, "the response has no tokens")
+    chosen, rejected = _with_eos(chosen, tokenizer.eos_id), _with_eos(rejected, tokenizer.eos_id)
+    if max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        room = max_length - len(prompt)
+        if room < 1:
+            raise RowError(
+                "prompt_too_long", "prompt", f"{len(prompt)} prompt tokens leave no room in {max_length}"
+            )
+        chosen, rejected = chosen[:room], rejected[:room]
+        counters.truncated_pairs += 1
+    if chosen == rejected:
+        raise RowError("identical_responses", "rejected", "chosen and rejected are identical as tokens")
+    token_ids = np.array(prompt + chosen + rejected, np.int64)  # (P + C + R,)
+    split = len(prompt) + len(chosen)
+    return GPTSample(token_ids, chosen_span=(len(prompt), split), rejected_span=(split, len(token_ids)))
+
+
+def _document(
+    pieces, roles, tokenizer: TextTokenizer, kind: str, max_length, counters: Counters
+) -> list[GPTSample]:
+    ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    masked: list[list[int]] = []
+    for piece, role in zip(pieces, roles):
+        if role == "masked" and piece:
+            if masked and masked[-1][1] == len(ids):
+                masked[-1][1] += len(piece)
+            else:
+                masked.append([len(ids), len(ids) + len(piece)])
+        ids += piece
+    if len(ids) == (tokenizer.bos_id is not None):
+        raise RowError("empty_text", "text", "the text has no tokens")
+    ended = len(ids)
+    ids = _with_eos(ids, tokenizer.eos_id)
+    if masked and masked[-1][1] == ended:  # EOS joins the last segment: masked if the text ends masked
+        masked[-1][1] = len(ids)
+    if kind == "sft":
+        if max_length is not None and len(ids) > max_length:
+            raise RowError("too_long", "text", f"{len(ids)} tokens > max_length {max_length}")
+        spans = np.array(masked, np.int64).reshape(-1, 2)  # (n, 2)
+        return [GPTSample(np.array(ids, np.int64), loss_masking_spans=spans)]
+    if max_length is None or len(ids) <= max_length:
+        return [GPTSample(np.array(ids, np.int64))]
+    counters.split_documents += 1
+    starts = range(0, len(ids), max_length)
+    counters.extra_pieces += len(starts) - 1
+    return [GPTSample(np.array(ids[start : start + max_length], np.int64)) for start in starts]
