@@ -1,0 +1,214 @@
+"""Packing: every target sees exactly its standalone context, best-fit matches a naive packer, drops are counted."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from unitrain.data.batch import RESPONSE_CHOSEN, SEGMENT_CHOSEN, SEGMENT_REJECTED
+from unitrain.data.packing import collate, plan_rows
+from unitrain.errors import UnitrainError
+
+LAYOUTS = [(m, s) for m, s in itertools.product(("separate", "pair", "packed"), (True, False))]
+
+
+def visible(batch, flat_slot: int):
+    """Tokens and positions a slot attends to, read off the documented attention rule by brute force."""
+    row, q = divmod(flat_slot, batch.row_length)
+    doc, seg = batch.document_id[row].tolist(), batch.segment[row].tolist()
+    keys = [
+        k
+        for k in range(q + 1)
+        if doc[k] == doc[q] != -1 and not (seg[q] == SEGMENT_REJECTED and seg[k] == SEGMENT_CHOSEN)
+    ]
+    return batch.input_ids[row, keys].tolist(), batch.position_ids[row, keys].tolist()
+
+
+@pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
+def test_each_target_sees_its_standalone_prompt_and_response_prefix(
+    mode, share_prompt, pairs_factory, list_dataset
+):
+    dataset = list_dataset(pairs_factory(23, seed=1), "preference")
+    plan = plan_rows(
+        dataset, range(23), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=40
+    )
+    assert plan.dropped == 0 and len({int(i) for row in plan.rows for i in row[:, 0]}) == 23
+    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+    assert sorted(batch.pair_index.tolist()) == list(range(23))
+    seen = {}
+    for token, slot, pair, response in zip(
+        *(
+            t.tolist()
+            for t in (batch.target_tokens, batch.target_positions, batch.target_pair, batch.target_response)
+        )
+    ):
+        sample = dataset[int(batch.pair_index[pair])]
+        answer = sample.chosen_ids if response == RESPONSE_CHOSEN else sample.rejected_ids
+        j = seen.setdefault((pair, response), 0)
+        seen[(pair, response)] += 1
+        context = sample.prompt_ids.tolist() + answer[:j].tolist()
+        assert token == answer[j]
+        assert visible(batch, slot) == (context, list(range(len(context))))
+    for pair, index in enumerate(batch.pair_index.tolist()):
+        assert seen[(pair, 0)] == len(dataset[index].chosen_ids) and seen[(pair, 1)] == len(
+            dataset[index].rejected_ids
+        )
+    assert batch.num_tokens == plan.num_tokens
+    assert plan.row_counts.sum(axis=0).tolist() == [
+        23,
+        batch.num_targets,
+        int((batch.target_response == 0).sum()),
+    ]
+
+
+def naive_best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Textbook BFD: largest first; each item to the fullest row it fits in (lowest row on ties), else a new row.
+    Items larger than a row are left out."""
+    rows, room = [], []
+    for k in sorted((k for k in range(len(sizes)) if sizes[k] <= capacity), key=lambda k: (-sizes[k], k)):
+        fitting = [r for r in range(len(rows)) if room[r] >= sizes[k]]
+        if fitting:
+            best = min(fitting, key=lambda r: (room[r], r))
+            rows[best].append(k)
+            room[best] -= sizes[k]
+        else:
+            rows.append([k])
+            room.append(capacity - sizes[k])
+    return rows
+
+
+def test_packed_rows_match_a_naive_best_fit_decreasing(pairs_factory, list_dataset):
+    dataset = list_dataset(pairs_factory(200, seed=2, prompt=(1, 30), response=(1, 30)), "preference")
+    order = np.random.default_rng(0).permutation(200)
+    plan = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
+    expected = naive_best_fit_decreasing([int(dataset.document_lengths[i]) for i in order], 64)
+    assert [row[:, 0].tolist() for row in plan.rows] == [[int(order[k]) for k in row] for row in expected]
+    assert plan.dropped == int((dataset.document_lengths > 64).sum()) > 0
+    assert plan.num_tokens == int(dataset.document_lengths[dataset.document_lengths <= 64].sum())
+    assert plan.efficiency == pytest.approx(plan.num_tokens / (len(plan.rows) * 64))
+    again = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
+    assert all((a == b).all() for a, b in zip(plan.rows, again.rows))
+
+
+@pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
+def test_pairs_that_cannot_fit_a_row_are_dropped_and_counted(mode, share_prompt, pairs_factory, list_dataset):
+    samples = pairs_factory(30, seed=3, prompt=(1, 12), response=(1, 12))
+    dataset = list_dataset(samples, "preference")
+
+    def need(s):
+        p, c, r = len(s.prompt_ids), len(s.chosen_ids), len(s.rejected_ids)
+        return p + max(c, r) if mode == "separate" else p + c + r + (0 if share_prompt else p)
+
+    expected_drops = sum(need(s) > 20 for s in samples)
+    plan = plan_rows(
+        dataset, range(30), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=20
+    )
+    assert 0 < plan.dropped == expected_drops
+    assert sum(len(row) for row in plan.rows) == 30 - expected_drops
+    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+    assert batch.row_length <= 20 and batch.num_rows == len(plan.rows) * (2 if mode == "separate" else 1)
+    if mode != "packed":
+        assert all(len(row) == 1 for row in plan.rows)
+
+
+def test_pretrain_splits_long_documents_and_targets_every_token_after_each_piece_start(
+    documents_factory, list_dataset
+):
+    dataset = list_dataset(documents_factory(15, seed=4, length=(1, 50)), "pretraining")
+    plan = plan_rows(
+        dataset, range(15), objective="pretrain", mode="packed", share_prompt=True, sequence_length=16
+    )
+    assert plan.dropped == 0 and plan.num_tokens == int(dataset.document_lengths.sum())
+    batch = collate(dataset, plan.rows, objective="pretrain", mode="packed", share_prompt=True)
+    pieces = sorted((int(i), int(b), int(e)) for row in plan.rows for i, b, e in row)
+    expected_pieces = sorted(
+        (i, b, min(b + 16, n))
+        for i, n in enumerate(dataset.document_lengths.tolist())
+        for b in range(0, n, 16)
+    )
+    assert pieces == expected_pieces
+    expected_targets = sorted(t for i, b, e in pieces for t in dataset[i].token_ids[b + 1 : e].tolist())
+    assert sorted(batch.target_tokens.tolist()) == expected_targets
+    for token, slot in zip(batch.target_tokens.tolist(), batch.target_positions.tolist()):
+        tokens, positions = visible(batch, slot)
+        assert positions == list(range(len(tokens)))  # a piece restarts its positions
+        row, q = divmod(slot, batch.row_length)
+        assert batch.input_ids[row, q + 1] == token  # plain next-token targets within a piece
+    assert (batch.target_pair == -1).all() and batch.num_pairs == 0
+
+
+def test_sft_excludes_masked_spans_and_drops_documents_longer_than_a_row(documents_factory, list_dataset):
+    samples = documents_factory(25, seed=5, length=(2, 30), spans=True)
+    dataset = list_dataset(samples, "sft")
+    plan = plan_rows(
+        dataset, range(25), objective="sft", mode="packed", share_prompt=True, sequence_length=24
+    )
+    assert plan.dropped == sum(len(s.token_ids) > 24 for s in samples)
+    batch = collate(dataset, plan.rows, objective="sft", mode="packed", share_prompt=True)
+    expected = []
+    for index in sorted(int(i) for row in plan.rows for i in row[:, 0]):
+        tokens, (begin, end) = dataset[index].token_ids, dataset[index].loss_masking_spans[0]
+        expected += [int(tokens[j]) for j in range(1, len(tokens)) if not begin <= j < end]
+    assert sorted(batch.target_tokens.tolist()) == sorted(expected)
+    for slot, token in zip(batch.target_positions.tolist(), batch.target_tokens.tolist()):
+        row, q = divmod(slot, batch.row_length)
+        assert (
+            batch.input_ids[row, q + 1] == token
+            and batch.document_id[row, q + 1] == batch.document_id[row, q]
+        )
+
+
+def test_preference_data_for_sft_trains_prompt_plus_chosen_with_loss_on_chosen(pairs_factory, list_dataset):
+    dataset = list_dataset(pairs_factory(10, seed=6), "preference")
+    plan = plan_rows(
+        dataset, range(10), objective="sft", mode="packed", share_prompt=True, sequence_length=64
+    )
+    batch = collate(dataset, plan.rows, objective="sft", mode="packed", share_prompt=True)
+    assert batch.num_tokens == sum(len(s.prompt_ids) + len(s.chosen_ids) for s in dataset.samples)
+    assert sorted(batch.target_tokens.tolist()) == sorted(
+        t for s in dataset.samples for t in s.chosen_ids.tolist()
+    )
+
+
+def test_objective_and_dataset_kind_must_agree(pairs_factory, documents_factory, list_dataset):
+    with pytest.raises(UnitrainError, match="preference dataset"):
+        plan_rows(
+            list_dataset(documents_factory(3, 0), "sft"),
+            range(3),
+            objective="dpo",
+            mode="packed",
+            share_prompt=True,
+            sequence_length=8,
+        )
+    with pytest.raises(UnitrainError, match="packing mode"):
+        plan_rows(
+            list_dataset(pairs_factory(3, 0), "preference"),
+            range(3),
+            objective="dpo",
+            mode="rows",
+            share_prompt=True,
+            sequence_length=8,
+        )
+
+
+def test_memmap_dataset_packs_like_the_in_memory_one(pairs_factory, list_dataset, memmap_pairs):
+    samples = pairs_factory(12, seed=7)
+    on_disk, in_memory = memmap_pairs(samples), list_dataset(samples, "preference")
+    kwargs = dict(objective="dpo", mode="packed", share_prompt=True, sequence_length=32)
+    a = collate(
+        on_disk,
+        plan_rows(on_disk, range(12), **kwargs).rows,
+        objective="dpo",
+        mode="packed",
+        share_prompt=True,
+    )
+    b = collate(
+        in_memory,
+        plan_rows(in_memory, range(12), **kwargs).rows,
+        objective="dpo",
+        mode="packed",
+        share_prompt=True,
+    )
+    assert all((getattr(a, f) == getattr(b, f)).all() for f in ("input_ids", "segment", "target_positions"))
