@@ -1,0 +1,391 @@
+"""Run configuration: typed pydantic models, loaded from one YAML file plus dotted `key=value` overrides.
+
+Every field carries a description, so `docs/configuration.md` is generated from these models and cannot drift
+(`python -m unitrain.config docs/configuration.md`). Validation happens once, here, at the boundary: unknown
+keys are refused with the closest valid key, contradictions with a reason, and the trainer trusts what it gets.
+Trade-off: the models stay flat and explicit (one class per YAML section) rather than pluggable components, so
+adding an option means adding a field, and the docs follow automatically.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from unitrain.errors import UnitrainError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
+        "`num_hidden_layers`); `vocab_size` defaults to the dataset's. Weights are randomly initialised.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.config is None):
+            raise ValueError(
+                "set exactly one of model.path (a checkpoint) and model.config (an architecture)"
+            )
+        return self
+
+
+class DataSource(Section):
+    path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
+    weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+
+
+class DataSection(Section):
+    train: str | list[DataSource] = Field(
+        description="A prepared dataset directory, or a list of `{path, weight}` to blend several."
+    )
+    validation: str | float | None = Field(
+        None,
+        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
+        "none disables validation.",
+    )
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError(f"a held-out fraction must be in (0, 1), got {value}")
+        return value
+
+    @property
+    def sources(self) -> list[DataSource]:
+        return [DataSource(path=self.train)] if isinstance(self.train, str) else list(self.train)
+
+
+class PackingSection(Section):
+    mode: Literal["separate", "pair", "packed"] = Field(
+        "packed",
+        description="DPO only. `separate`: prompt+chosen and prompt+rejected as two documents (as TRL); "
+        "`pair`: one pair per row; `packed`: several pairs per row.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="DPO only, `pair`/`packed`: store the prompt once per pair. `separate` always duplicates it.",
+    )
+    sequence_length: int = Field(
+        1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
+    )
+
+
+class BatchSection(Section):
+    micro_batch_size: int = Field(8, gt=0, description="Rows per micro-batch on each rank.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step on each rank."
+    )
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty (DPO temperature).")
+    loss: str | list[str] = Field(
+        "sigmoid", description="Preference loss name, or a list of names combined with `loss_weights`."
+    )
+    loss_weights: list[float] | None = Field(None, description="One weight per loss in `loss` (a list).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative-DPO label smoothing.")
+    reference: Literal["model", "cached", "none"] = Field(
+        "model",
+        description="Reference log-probs: `model` (a frozen model run alongside), `cached` (computed once into "
+        "a cache next to the run), `none` (reference-free losses only).",
+    )
+    reference_model: str | None = Field(
+        None, description="Checkpoint of the reference model; default: the starting policy."
+    )
+
+    @model_validator(mode="after")
+    def _reference_consistency(self) -> DPOSection:
+        if self.reference == "none" and self.reference_model is not None:
+            raise ValueError("dpo.reference_model is set but dpo.reference is none")
+        return self
+
+
+class OptimizerSection(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="Decoupled weight decay, on matrices only (not norms)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this; none: no clip."
+    )
+
+
+class ScheduleSection(Section):
+    kind: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate shape after warmup, decaying to `min_lr_ratio * lr` at the end."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `optimizer.lr`.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run (exclusive with `epochs`).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data (exclusive with `max_steps`)."
+    )
+    seed: int = Field(0, description="Seed of model init, data order and every random generator.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype: `bfloat16` runs the forward under autocast; weights stay fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`: CUDA when available, else CPU."
+    )
+    max_nonfinite_steps: int = Field(
+        5, gt=0, description="Stop after this many consecutive steps with a non-finite loss or gradient."
+    )
+    logprob_chunk_size: int = Field(1024, gt=0, description="Targets per chunk of the LM-head log-prob pass.")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+
+class RunSection(Section):
+    output_dir: str = Field("runs/default", description="Where metrics, checkpoints and the `hf` export go.")
+    log_every: int = Field(1, gt=0, description="Write training metrics every this many steps.")
+    eval_every: int | None = Field(None, gt=0, description="Validate every this many steps (and at the end).")
+    save_every: int | None = Field(
+        None, gt=0, description="Checkpoint every this many steps (and at the end)."
+    )
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    progress: bool = Field(
+        True, description="Show a progress bar (rank 0, when stderr is a terminal or forced)."
+    )
+    tensorboard: bool = Field(
+        True, description="Also log to TensorBoard when the `tensorboard` extra is installed."
+    )
+
+
+class ParallelSection(Section):
+    fsdp: bool = Field(
+        False, description="Shard parameters with FSDP2 `fully_shard` instead of replicating (DDP)."
+    )
+
+
+class TrainConfig(Section):
+    objective: Literal["pretrain", "sft", "dpo"] = Field(
+        description="Training loss: LM, masked LM, or DPO-family."
+    )
+    model: ModelSection = Field(description="Where the starting weights come from.")
+    data: DataSection = Field(description="Training and validation datasets.")
+    packing: PackingSection = Field(default_factory=PackingSection, description="How documents fill rows.")
+    batch: BatchSection = Field(default_factory=BatchSection, description="Batch shape.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="Preference loss (objective `dpo`).")
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection, description="AdamW settings.")
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
+    train: TrainSection = Field(description="Length, seed, precision.")
+    run: RunSection = Field(default_factory=RunSection, description="Output, logging and checkpoint cadence.")
+    parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
+
+    @model_validator(mode="after")
+    def _contradictions(self) -> TrainConfig:
+        if self.objective != "dpo":
+            if "dpo" in self.model_fields_set:
+                raise ValueError(f"dpo settings are given but objective is {self.objective}")
+            explicit = self.packing.model_fields_set & {"mode", "share_prompt"}
+            if explicit:
+                raise ValueError(
+                    f"packing.{sorted(explicit)[0]} only applies to objective dpo, not {self.objective}"
+                )
+        if (
+            self.packing.mode == "separate"
+            and self.packing.share_prompt
+            and "share_prompt" in (self.packing.model_fields_set)
+        ):
+            raise ValueError("packing.mode separate always duplicates the prompt; drop packing.share_prompt")
+        if self.train.max_steps is not None and self.schedule.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        if self.objective == "dpo":
+            self.preference_loss_config()
+        return self
+
+    def preference_loss_config(self):
+        """The losses module's own config; constructing it runs its validation of loss/weight contradictions."""
+        from unitrain.losses.preference import PreferenceLossConfig
+
+        try:
+            return PreferenceLossConfig(
+                losses=self.dpo.loss,
+                weights=self.dpo.loss_weights,
+                beta=self.dpo.beta,
+                label_smoothing=self.dpo.label_smoothing,
+            )
+        except ValueError as error:
+            raise ValueError(f"dpo: {error}") from None
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """BaseModel classes reachable in a field annotation (through unions, lists and tuples)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
+
+
+def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
+    """Refuse unknown keys before pydantic sees them, naming the closest valid key."""
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        if key not in model.model_fields:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.5)
+            hint = (
+                f" (did you mean '{prefix}{close[0]}'?)"
+                if close
+                else f" (valid: {', '.join(model.model_fields)})"
+            )
+            raise UnitrainError(f"unknown key '{full}'{hint}")
+        for sub_model in _model_classes(model.model_fields[key].annotation):
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                _check_keys(item, sub_model, f"{prefix}{key}.")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as a YAML scalar or flow list/mapping."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UnitrainError(f"override '{override}': expected key=value (e.g. dpo.beta=0.2)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UnitrainError(
+            f"override '{override}': value is not valid YAML ({error})".replace("\n", " ")
+        ) from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UnitrainError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainConfig:
+    """Validate a plain dict into a TrainConfig; any problem is one `UnitrainError` line naming `source`."""
+    if not isinstance(raw, dict):
+        raise UnitrainError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        _check_keys(raw, TrainConfig, "")
+        return TrainConfig.model_validate(raw)
+    except UnitrainError as error:
+        raise UnitrainError(f"{source}: {error}") from None
+    except ValidationError as error:
+        raise UnitrainError(f"{source}: {_format_error(error)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply dotted overrides in order, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise UnitrainError(f"{path}: cannot read config ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise UnitrainError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise UnitrainError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_config(raw, source=str(path))
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{arg}`" for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args if arg is not Ellipsis)}]"
+    return annotation.__name__
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return "(section)"
+    default = field.default
+    return "`null`" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every key with its type, default and meaning, from the models above."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/unitrain/config.py` by `python -m unitrain.config docs/configuration.md`; "
+        "do not edit by hand.",
+        "",
+        "A run is one YAML file; any key can be overridden on the command line with a dotted path, the value "
+        "parsed as YAML: `unitrain train run.yaml dpo.beta=0.2 optimizer.betas=[0.9,0.99]`.",
+        "",
+    ]
+    for name, field in TrainConfig.model_fields.items():
+        sections = _model_classes(field.annotation)
+        if not sections:
+            lines += [
+                f"## `{name}`",
+                "",
+                f"{field.description}",
+                "",
+                f"Type {_type_name(field.annotation)}; {_default_text(field)}.",
+                "",
+            ]
+            continue
+        lines += [
+            f"## `{name}`",
+            "",
+            f"{field.description}",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, sub in sections[0].model_fields.items():
+            lines.append(
+                f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_default_text(sub)} | {sub.description} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    Path(sys.argv[1]).write_text(configuration_markdown())

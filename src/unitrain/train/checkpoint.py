@@ -1,0 +1,237 @@
+"""Atomic checkpoints (model, optimizer, schedule step, sampler position, RNG states, config) and HF export.
+
+Layout: `OUTPUT/checkpoints/step-00000012/` holding `model.safetensors` (the model's own parameter names),
+`optimizer.pt` and `trainer.pt` (plain tensors/containers, loaded with `weights_only=True`), `model_config.json`
+(Hugging Face keys), `config.yaml` and `meta.json`. A checkpoint is written into a temporary directory, fsynced,
+then renamed into place, so a process killed mid-save leaves only a `.tmp-*` directory that `latest_checkpoint`
+ignores and the next save removes. Trade-off: one full copy per checkpoint (simple, resumable on any world size)
+rather than sharded distributed-checkpoint files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from unitrain.errors import UnitrainError
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [path for _, path in sorted(found) if (path / "meta.json").is_file()]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict,
+    model_config: dict,
+    config_yaml: str,
+    meta: dict,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`. Returns its directory."""
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:08d}"
+    staging = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    staging.mkdir()
+    # Cloned, contiguous CPU copies: safetensors refuses shared storage (tied embeddings) and views.
+    save_file(
+        {name: t.detach().to("cpu").contiguous().clone() for name, t in model_state.items()},
+        str(staging / "model.safetensors"),
+    )
+    torch.save(optimizer_state, staging / "optimizer.pt")
+    torch.save(trainer_state, staging / "trainer.pt")
+    _write_json(staging / "model_config.json", model_config)
+    (staging / "config.yaml").write_text(config_yaml)
+    _write_json(staging / "meta.json", {**meta, "step": step})  # written last: marks the directory complete
+    for item in staging.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint directory: `model_state`, `optimizer_state`, `trainer_state`, `model_config`, `meta`."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise UnitrainError(f"{path}: not a complete checkpoint (no meta.json)")
+    return {
+        "model_state": load_file(str(path / "model.safetensors")),
+        "optimizer_state": torch.load(path / "optimizer.pt", weights_only=True),
+        "trainer_state": torch.load(path / "trainer.pt", weights_only=True),
+        "model_config": json.loads((path / "model_config.json").read_text()),
+        "meta": json.loads((path / "meta.json").read_text()),
+    }
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, as plain tensors/containers (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_tokenizer_files(tokenizer_path: str | Path | None, eos_id: int | None, output: Path) -> None:
+    """Copy the dataset's tokenizer next to exported weights, adding a `tokenizer_config.json` if it has none."""
+    if tokenizer_path is None:
+        return
+    source = Path(tokenizer_path)
+    if not source.exists():
+        raise UnitrainError(f"{source}: tokenizer recorded in the dataset metadata no longer exists")
+    files = (
+        [source]
+        if source.is_file()
+        else [source / name for name in TOKENIZER_FILES if (source / name).exists()]
+    )
+    for file in files:
+        shutil.copyfile(file, output / ("tokenizer.json" if source.is_file() else file.name))
+    if not (output / "tokenizer_config.json").exists() and (output / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(output / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if eos_id is not None:
+            config["eos_token"] = tokenizer.id_to_token(eos_id)
+        _write_json(output / "tokenizer_config.json", config)
+
+
+def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write a Hugging Face checkpoint (safetensors weights, config.json, tokenizer files) from a checkpoint."""
+    from unitrain.model import ModelConfig, build_model, save_pretrained
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "meta.json").is_file():
+        raise UnitrainError(f"{checkpoint}: not a complete checkpoint (no meta.json)")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
+    model = build_model(model_config)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, output)
+    write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), output)
+    return output
+
+
+def gather_states(
+    wrapped: torch.nn.Module, model: torch.nn.Module, optimizer, sharded: bool
+) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts; collective on every rank when `sharded` (FSDP2)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=options)
+    # The wrapper holds the Transformer as `model`: store the Transformer's own names.
+    return {name.removeprefix("model."): tensor for name, tensor in model_state.items()}, optimizer_state
+
+
+def restore_states(
+    wrapped: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer,
+    sharded: bool,
+    model_state: dict,
+    optimizer_state: dict,
+) -> None:
+    """Inverse of `gather_states`: load full state dicts into a (possibly sharded) model and its optimizer."""
+    if not sharded:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    prefixed = {f"model.{name}": tensor for name, tensor in model_state.items()}
+    set_state_dict(
+        wrapped,
+        optimizer,
+        model_state_dict=prefixed,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )

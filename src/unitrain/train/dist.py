@@ -1,0 +1,88 @@
+"""Rank logic in one place: process-group setup from torchrun's environment, model wrapping, reductions.
+
+One process (no torchrun) is world size 1 and never touches `torch.distributed`. Under torchrun the backend is
+gloo on CPU and NCCL on GPU; the model is replicated with DDP by default or sharded with FSDP2 `fully_shard`.
+Trade-off: the loss is normalized by global counts on every rank, and DDP averages gradients over ranks, so the
+trainer multiplies its loss by `world_size` (`gradient_scale`) instead of changing DDP's reduction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_choice: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown(context: DistContext) -> None:
+    if context.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(module: torch.nn.Module, context: DistContext, fsdp: bool) -> torch.nn.Module:
+    """DDP (or FSDP2 when `fsdp`) around `module` in a multi-process run; the module itself otherwise."""
+    if not context.is_distributed:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, also returned); identity in a single process."""
+    if context.is_distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, context: DistContext) -> bool:
+    """True when `flag` is true on any rank (e.g. a stop signal that reached only one process)."""
+    if not context.is_distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier(context: DistContext) -> None:
+    if context.is_distributed:
+        dist.barrier()

@@ -1,0 +1,111 @@
+"""Metrics: sums reduced over micro-batches and ranks, JSON lines on rank 0, optional TensorBoard, a progress bar.
+
+Names follow TRL (`loss`, `rewards/chosen`, `rewards/accuracies`, ... and `eval/...` for validation) so runs can
+be compared across tools. Every quantity is carried as a sum plus a count and divided only after the global
+reduction: DPO metrics are per-pair means over the global batch, token metrics per-token means.
+Trade-off: one all-reduce of one small tensor per step, instead of a reduction per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from unitrain.train.dist import DistContext, all_reduce_sum
+
+
+def reduce_sums(sums: dict[str, float | torch.Tensor], context: DistContext) -> dict[str, float]:
+    """Sum every value over ranks with a single all-reduce; returns plain floats in the same key order."""
+    values = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in sums.values()]
+    )  # (K,)
+    if context.is_distributed:
+        values = all_reduce_sum(values.to(context.device), context).cpu()
+    return dict(zip(sums, values.tolist()))
+
+
+def preference_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """TRL's DPO metrics from global per-pair sums (keys `pairs`, `chosen_rewards`, ... see the trainer)."""
+    pairs = max(totals["pairs"], 1.0)
+    chosen, rejected = totals["chosen_rewards"] / pairs, totals["rejected_rewards"] / pairs
+    return {
+        f"{prefix}rewards/chosen": chosen,
+        f"{prefix}rewards/rejected": rejected,
+        f"{prefix}rewards/accuracies": totals["accuracies"] / pairs,
+        f"{prefix}rewards/margins": chosen - rejected,
+        f"{prefix}logps/chosen": totals["chosen_logps"] / pairs,
+        f"{prefix}logps/rejected": totals["rejected_logps"] / pairs,
+    }
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends `{"step": s, ...}` lines to `metrics.jsonl` (rank 0 only); mirrors scalars to TensorBoard."""
+
+    def __init__(
+        self, output_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int | None = None
+    ):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tensorboard = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            # Lines past the checkpoint came from the interrupted run; the resumed run writes them again.
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self._tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+class Progress:
+    """tqdm bar on rank 0 with step, loss, reward accuracy (DPO) and tokens/s; tqdm supplies the ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if self._bar is None:
+            return
+        shown = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_second']:.0f}"}
+        if "rewards/accuracies" in metrics:
+            shown["acc"] = f"{metrics['rewards/accuracies']:.2f}"
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

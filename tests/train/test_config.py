@@ -1,0 +1,146 @@
+"""Config loading: YAML + dotted overrides, unknown-key suggestions, contradictions, generated docs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unitrain.config import configuration_markdown, load_config, parse_config
+from unitrain.errors import UnitrainError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base(**sections) -> dict:
+    raw = {
+        "objective": "sft",
+        "model": {"config": {"hidden_size": 32}},
+        "data": {"train": "data/sft"},
+        "train": {"max_steps": 10},
+    }
+    raw.update(sections)
+    return raw
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_overrides_parse_yaml_values_in_order(tmp_path):
+    path = write(tmp_path, base())
+    config = load_config(
+        path,
+        [
+            "optimizer.lr=3e-4",
+            "optimizer.betas=[0.8, 0.99]",
+            "run.eval_every=5",
+            "optimizer.lr=1e-3",
+            "data.validation=0.1",
+            "model.config.num_hidden_layers=2",
+        ],
+    )
+    assert config.optimizer.lr == 1e-3  # later override wins
+    assert config.optimizer.betas == (0.8, 0.99)
+    assert config.run.eval_every == 5
+    assert config.data.validation == 0.1
+    assert config.model.config == {"hidden_size": 32, "num_hidden_layers": 2}  # free-form mapping extended
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "optimizer.weight_decai=0.1",
+            "unknown key 'optimizer.weight_decai' (did you mean 'optimizer.weight_decay'",
+        ),
+        ("trian.seed=1", "unknown key 'trian' (did you mean 'train'"),
+        ("batch.micro_batch=4", "did you mean 'batch.micro_batch_size'"),
+    ],
+)
+def test_unknown_key_suggests_closest(tmp_path, override, expected):
+    with pytest.raises(UnitrainError, match=None) as error:
+        load_config(write(tmp_path, base()), [override])
+    assert expected in str(error.value)
+    assert str(error.value).startswith(str(tmp_path / "run.yaml"))
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_key_inside_blend_list():
+    raw = base(data={"train": [{"path": "a", "weight": 2.0}, {"pth": "b"}]})
+    with pytest.raises(UnitrainError, match=r"unknown key 'data.train.pth' \(did you mean 'data.train.path'"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"train": {"max_steps": 10, "epochs": 1}}, "exactly one of train.max_steps and train.epochs"),
+        ({"train": {}}, "exactly one of train.max_steps and train.epochs"),
+        ({"model": {"path": "x", "config": {"hidden_size": 8}}}, "exactly one of model.path"),
+        ({"dpo": {"beta": 0.2}}, "dpo settings are given but objective is sft"),
+        ({"packing": {"mode": "pair"}}, "packing.mode only applies to objective dpo"),
+        ({"schedule": {"warmup_steps": 10}}, "warmup_steps (10) must be below train.max_steps (10)"),
+        ({"data": {"train": "d", "validation": 1.5}}, "fraction must be in (0, 1)"),
+        ({"optimizer": {"lr": -1}}, "optimizer.lr: Input should be greater than 0"),
+        (
+            {"train": {"max_steps": 10, "dtype": "float16"}},
+            "train.dtype: Input should be 'float32' or 'bfloat16'",
+        ),
+    ],
+)
+def test_contradictions_refused_with_reason(changes, message):
+    with pytest.raises(UnitrainError) as error:
+        parse_config(base(**changes), source="run.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("run.yaml: ")
+
+
+def test_separate_mode_refuses_explicit_share_prompt():
+    raw = base(objective="dpo", packing={"mode": "separate", "share_prompt": True})
+    with pytest.raises(UnitrainError, match="separate always duplicates the prompt"):
+        parse_config(raw)
+
+
+def test_dpo_loss_contradictions_come_from_the_loss_config():
+    raw = base(objective="dpo", dpo={"loss": ["sigmoid", "ipo"], "loss_weights": [1.0]})
+    with pytest.raises(UnitrainError) as error:
+        parse_config(raw, source="run.yaml")
+    assert str(error.value).startswith("run.yaml: ")
+    assert "dpo: 1 loss weights for 2 losses" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_override_syntax_and_yaml(tmp_path):
+    path = write(tmp_path, base())
+    with pytest.raises(UnitrainError, match="expected key=value"):
+        load_config(path, ["optimizer.lr"])
+    with pytest.raises(UnitrainError, match="'lr' is not a section"):
+        load_config(path, ["optimizer.lr=1", "optimizer.lr.x=2"])
+    (tmp_path / "bad.yaml").write_text("objective: [unclosed")
+    with pytest.raises(UnitrainError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_committed_configs_are_valid():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(path)
+
+
+def test_configuration_doc_is_up_to_date():
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == configuration_markdown(), (
+        "regenerate: python -m unitrain.config docs/configuration.md"
+    )
+    for key in (
+        "dpo.reference_model",
+        "packing.share_prompt",
+        "batch.gradient_accumulation_steps",
+        "run.keep_last",
+    ):
+        assert f"`{key}`" in committed
