@@ -76,3 +76,34 @@ def memmap_pairs(tmp_path):
         )
 
     return make
+
+
+def build_tiny_model(seed: int = 0):
+    """A 2-layer, width-32 random Llama with grouped-query attention, fp32."""
+    import torch
+
+    from unitrain.model import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+    )
+    return build_model(config)
+
+
+def standalone_pair_logps(model, sample: GPTSample):
+    """(chosen, rejected) summed log-probs from a plain causal forward of prompt+response, each run alone."""
+    import torch
+
+    sums = []
+    for response in (sample.chosen_ids, sample.rejected_ids):
+        ids = torch.tensor(np.concatenate([sample.prompt_ids, response]), dtype=torch.int64)[None]  # (1, L)
+        logps = torch.log_softmax(model(ids)[0].float(), dim=-1)  # (L, V)
+        start = len(sample.prompt_ids)
+        sums.append(logps[start - 1 : -1].gather(1, ids[0, start:, None]).sum())
+    return torch.stack(sums)  # (2,)
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model
