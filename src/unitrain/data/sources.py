@@ -312,7 +312,7 @@ def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], rend
     chosen = _string(row, fields, "chosen", allow_empty=False)
     rejected = _string(row, fields, "rejected", allow_empty=False)
     if schema == "preference":
-        name = "prompt" if fields["prompt"] in row else "text"
+        name = "text" if fields["text"] in row and fields["prompt"] not in row else "prompt"
         prompt = _string(row, fields, name)
     else:
         cut = implicit_prompt(chosen, rejected)
