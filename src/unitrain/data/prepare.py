@@ -146,7 +146,9 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
     ) as writer:
         pool = None
         if config.workers > 1:
-            context = multiprocessing.get_context("spawn")
+            # fork starts workers in milliseconds (spawn re-imports everything and re-sends the tokenizer)
+            fork = "fork" in multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if fork else "spawn")
             pool = context.Pool(config.workers, _init_worker, init)
             results = pool.imap(_process_chunk, _chunks(rows, seen))
         else:
