@@ -65,10 +65,14 @@ class PrepareConfig(BaseModel):
 _WORKER: dict = {}
 
 
+def _init_pool_worker(*init) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    _init_worker(*init)
+
+
 def _init_worker(
     tokenizer: TextTokenizer, schema: str, kind: str, fields: dict, max_length: int | None
 ) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     _WORKER.update(tokenizer=tokenizer, schema=schema, kind=kind, fields=fields, max_length=max_length)
 
 
@@ -149,7 +153,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             # fork starts workers in milliseconds (spawn re-imports everything and re-sends the tokenizer)
             fork = "fork" in multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if fork else "spawn")
-            pool = context.Pool(config.workers, _init_worker, init)
+            pool = context.Pool(config.workers, _init_pool_worker, init)
             results = pool.imap(_process_chunk, _chunks(rows, seen))
         else:
             _init_worker(*init)
