@@ -20,7 +20,7 @@ import numpy as np
 @dataclass(frozen=True)
 class GPTSample:
     token_ids: np.ndarray  # (L,) integer token ids
-    loss_masking_spans: np.ndarray | None = None  # (n, 2) int, [begin, end) token ranges excluded from the loss
+    loss_masking_spans: np.ndarray | None = None  # (n, 2) [begin, end) token ranges excluded from the loss
     chosen_span: tuple[int, int] | None = None
     rejected_span: tuple[int, int] | None = None
 
