@@ -23,7 +23,9 @@ COMMANDS = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unitrain", description="Pretraining, SFT and DPO from one token format.")
+    parser = argparse.ArgumentParser(
+        prog="unitrain", description="Pretraining, SFT and DPO from one token format."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
