@@ -190,3 +190,13 @@ def test_max_length_drops_long_sft(run_prepare):
         max_length=8,
     )
     assert report["documents"] == 1 and report["dropped"] == {"too_long": 1}
+
+
+def test_bos_not_doubled_when_text_starts_with_it(run_prepare, bos_tokenizer_dir):
+    output, _ = run_prepare(
+        [{"text": "<s>already there"}, {"text": "plain"}], tokenizer=str(bos_tokenizer_dir)
+    )
+    dataset = GPTMemmapDataset(output)
+    for index in range(2):
+        token_ids = dataset[index].token_ids.tolist()
+        assert token_ids[0] == dataset.bos_id and token_ids[1:].count(dataset.bos_id) == 0

@@ -3,13 +3,13 @@
 from unitrain.data.batch import PackedBatch
 from unitrain.data.sample import GPTSample
 
-__all__ = ["GPTSample", "PackedBatch", "GPTMemmapDataset"]
+__all__ = ["GPTSample", "PackedBatch", "GPTMemmapDataset", "write_dataset"]
 
 
 def __getattr__(name: str):
     # Imported on first use, so `import unitrain.data` stays cheap for code that never opens a dataset.
-    if name == "GPTMemmapDataset":
-        from unitrain.data.memmap import GPTMemmapDataset
+    if name in ("GPTMemmapDataset", "write_dataset"):
+        from unitrain.data import memmap
 
-        return GPTMemmapDataset
+        return getattr(memmap, name)
     raise AttributeError(name)

@@ -208,7 +208,8 @@ def _preference(
 def _document(
     pieces, roles, tokenizer: TextTokenizer, kind: str, max_length, counters: Counters
 ) -> list[GPTSample]:
-    ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    bos = tokenizer.bos_id
+    ids: list[int] = [] if bos is None or next((p[:1] for p in pieces if p), None) == [bos] else [bos]
     masked: list[list[int]] = []
     for piece, role in zip(pieces, roles):
         if role == "masked" and piece:
@@ -217,7 +218,7 @@ def _document(
             else:
                 masked.append([len(ids), len(ids) + len(piece)])
         ids += piece
-    if len(ids) == (tokenizer.bos_id is not None):
+    if not any(pieces):
         raise RowError("empty_text", "text", "the text has no tokens")
     ended = len(ids)
     ids = _with_eos(ids, tokenizer.eos_id)
