@@ -26,6 +26,7 @@ FIELDS = ("text", "prompt", "chosen", "rejected", "loss_masking_spans", "message
 ASSISTANT_MARKER = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 JSON_LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+LOCAL_SUFFIXES = JSON_LINE_SUFFIXES + (".parquet", ".csv", ".arrow", ".gz")
 
 
 class RowError(Exception):
@@ -61,7 +62,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, bytes | 
         yield from enumerate(_load_datasets(source, split, name.rsplit(".", 1)[-1]))
     elif path.is_dir():
         yield from enumerate(_load_datasets(source, split, "disk"))
-    elif path.exists() or "/" not in source or source.startswith((".", "/")):
+    elif path.exists() or name.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
         raise UnitrainError(
             f"{source}: not a readable input (expected .jsonl[.gz], .json, .parquet, .csv or a dir)"
         )
