@@ -14,7 +14,7 @@ from unitrain.data.sampling import BatchStream
 from unitrain.losses.preference import PreferenceLossConfig, preference_losses
 from unitrain.train.reference import pair_logps_of
 
-from .conftest import ListDataset, random_pairs, standalone_pair_logps
+from .conftest import ListDataset, build_tiny_model, random_pairs, standalone_pair_logps
 
 LAYOUTS = list(itertools.product(("separate", "pair", "packed"), (True, False)))
 CONFIG = PreferenceLossConfig(["sigmoid"], beta=0.5)
@@ -55,16 +55,24 @@ def gradients(model, loss):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
-def test_layout_matches_standalone_logps_losses_and_gradients(mode, share_prompt, tiny_model):
-    model = tiny_model(0)
+@pytest.fixture(scope="module")
+def standalone():
+    """The model, its data and a fixed reference, with the log-probs, losses and gradients of standalone runs."""
+    model = build_tiny_model(0)
     dataset = ListDataset(random_pairs(9, seed=11), "preference")
-    reference = torch.randn(9, 2, dtype=torch.float32) * 3 - 20  # fixed reference log-probs
-    expected_sums, expected_losses = standalone_loss(model, dataset, reference)
-    expected_grads = gradients(model, expected_losses.mean())
+    reference = (
+        torch.randn(9, 2, generator=torch.Generator().manual_seed(0)) * 3 - 20
+    )  # fixed reference log-probs
+    sums, losses = standalone_loss(model, dataset, reference)
+    return model, dataset, reference, sums.detach(), losses.detach(), gradients(model, losses.mean())
+
+
+@pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
+def test_layout_matches_standalone_logps_losses_and_gradients(mode, share_prompt, standalone):
+    model, dataset, reference, expected_sums, expected_losses, expected_grads = standalone
     sums, losses = packed_loss(model, dataset, mode, share_prompt, reference)
-    close(sums, expected_sums.detach())
-    close(losses, expected_losses.detach())
+    close(sums, expected_sums)
+    close(losses, expected_losses)
     grads = gradients(model, losses.sum() / len(dataset))
     for name, grad in grads.items():
         close(grad, expected_grads[name])

@@ -212,3 +212,40 @@ def test_memmap_dataset_packs_like_the_in_memory_one(pairs_factory, list_dataset
         share_prompt=True,
     )
     assert all((getattr(a, f) == getattr(b, f)).all() for f in ("input_ids", "segment", "target_positions"))
+
+
+def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
+    hh_rlhf_path, gpt2_tokenizer_path, list_dataset
+):
+    import gzip
+    import json
+
+    from tokenizers import Tokenizer
+
+    from unitrain.data.sample import GPTSample
+
+    tokenizer, eos = Tokenizer.from_file(str(gpt2_tokenizer_path)), 50256
+    with gzip.open(hh_rlhf_path, "rt") as handle:
+        rows = [json.loads(line) for line in handle]
+    marker = "\n\nAssistant:"
+    split = [
+        row["chosen"].rfind(marker) + len(marker) for row in rows
+    ]  # implicit prompt: up to the last turn
+    texts = [row["chosen"][:k] for row, k in zip(rows, split)]
+    texts += [row["chosen"][k:] for row, k in zip(rows, split)]
+    texts += [row["rejected"][row["rejected"].rfind(marker) + len(marker) :] for row in rows]
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+    samples = []
+    for prompt, chosen, rejected in zip(
+        ids[: len(rows)], ids[len(rows) : 2 * len(rows)], ids[2 * len(rows) :]
+    ):
+        p, c, r = len(prompt), len(chosen) + 1, len(rejected) + 1
+        tokens = np.array(prompt + chosen + [eos] + rejected + [eos])
+        samples.append(GPTSample(tokens, chosen_span=(p, p + c), rejected_span=(p + c, p + c + r)))
+    dataset = list_dataset(samples, "preference")
+    order = np.random.default_rng(0).permutation(len(dataset))
+    for share_prompt in (True, False):
+        plan = plan_rows(
+            dataset, order, objective="dpo", mode="packed", share_prompt=share_prompt, sequence_length=2048
+        )
+        assert plan.dropped == 0 and plan.efficiency >= 0.98, (share_prompt, plan.efficiency)
