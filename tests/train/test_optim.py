@@ -16,7 +16,7 @@ def closed_form(kind: str, step: int, lr: float, total: int, warmup: int, floor_
         return lr * (step + 1) / warmup
     if kind == "constant":
         return lr
-    t = (step - warmup) / (total - warmup - 1)
+    t = (step - warmup) / (total - warmup)
     floor = lr * floor_ratio
     if kind == "linear":
         return lr - (lr - floor) * t
@@ -33,7 +33,9 @@ def test_schedule_matches_closed_form(kind, warmup, floor_ratio):
         assert value == pytest.approx(closed_form(kind, step, lr, total, warmup, floor_ratio), rel=1e-12)
     assert values[warmup] == pytest.approx(lr)  # peak right after warmup
     if kind != "constant":
-        assert values[-1] == pytest.approx(lr * floor_ratio)  # decays to the floor on the last step
+        # the floor is reached one step after the last one: the last step still has a positive rate
+        assert values[-1] > lr * floor_ratio
+        assert learning_rate_at(total, lr, total, schedule) == pytest.approx(lr * floor_ratio)
 
 
 def test_weight_decay_only_on_matrices():

@@ -29,17 +29,17 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerSection) -> torch.o
 def learning_rate_at(step: int, peak_lr: float, total_steps: int, schedule: ScheduleSection) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`.
 
-    Warmup: lr * (step + 1) / warmup_steps for step < warmup_steps. Then, with progress p in [0, 1] over the
-    remaining steps and floor = min_lr_ratio * lr: constant -> lr; linear -> floor + (lr - floor) * (1 - p);
-    cosine -> floor + (lr - floor) * (1 + cos(pi p)) / 2.
+    Warmup: lr * (step + 1) / warmup_steps for step < warmup_steps. Then, with progress
+    p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1) and floor = min_lr_ratio * lr:
+    constant -> lr; linear -> floor + (lr - floor) * (1 - p); cosine -> floor + (lr - floor) * (1 + cos(pi p)) / 2.
+    The floor is reached just after the last step, so the last step still learns.
     """
     warmup = schedule.warmup_steps
     if step < warmup:
         return peak_lr * (step + 1) / warmup
     if schedule.kind == "constant":
         return peak_lr
-    decay_steps = max(total_steps - warmup - 1, 1)
-    progress = min((step - warmup) / decay_steps, 1.0)
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
     floor = schedule.min_lr_ratio * peak_lr
     if schedule.kind == "linear":
         return floor + (peak_lr - floor) * (1.0 - progress)

@@ -1,0 +1,40 @@
+"""`unitrain train CONFIG [key=value ...] [--resume]`: validate the config, then run the trainer.
+
+Works the same under `torchrun --nproc-per-node N -m unitrain train ...` (each rank runs this command). A run
+stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal number; `--resume` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+HELP = "train a model (pretraining, SFT or DPO) from a YAML config"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML); every key is listed in docs/configuration.md")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dpo.beta=0.2"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint of the run"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from unitrain.config import load_config
+    from unitrain.train.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    if result.stopped_by is not None:
+        print(
+            f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved, continue with --resume"
+        )
+        number = getattr(signal.Signals, result.stopped_by, signal.SIGTERM)
+        return 128 + int(number)
+    print(
+        f"done: {result.steps} steps ({result.skipped_steps} skipped); Hugging Face export in {result.output_dir / 'hf'}"
+    )
+    return 0

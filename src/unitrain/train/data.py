@@ -1,0 +1,118 @@
+"""The training run's data: datasets opened and checked against the objective, validation held out, the stream.
+
+Each rank builds the same seeded stream and reads its own share of every step (`BatchStream`); validation is a
+separate dataset or a seeded fraction held out from each training dataset. Trade-off: a run given `epochs`
+plans one epoch up front to turn it into a step count, so the schedule and the ETA are exact from step one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unitrain.config import TrainConfig
+from unitrain.errors import UnitrainError
+from unitrain.train.dist import DistContext
+
+
+@dataclass
+class TrainingData:
+    stream: object  # unitrain.data.sampling.BatchStream
+    datasets: list  # training datasets in stream order, then a separate validation dataset if any
+    validation: list[tuple[int, np.ndarray]]  # (position in `datasets`, document indices)
+    total_steps: int
+    packing: dict  # objective, mode, share_prompt, sequence_length
+    micro_batch_size: int
+    vocab_size: int
+    eos_id: int | None
+    tokenizer_path: Path | None
+
+    def validation_batches(self):
+        """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order."""
+        from unitrain.data.sampling import iterate_batches
+
+        for position, indices in self.validation:
+            batches = iterate_batches(
+                self.datasets[position], indices, micro_batch_size=self.micro_batch_size, **self.packing
+            )
+            yield from ((position, batch) for batch in batches)
+
+
+def _open_dataset(path: str, key: str, objective: str):
+    from unitrain.data.memmap import GPTMemmapDataset
+
+    dataset = GPTMemmapDataset(path)
+    if objective == "dpo" and dataset.kind != "preference":
+        raise UnitrainError(
+            f"{key} {path}: objective dpo needs a preference dataset, got a {dataset.kind} dataset"
+        )
+    if objective == "pretrain" and dataset.kind == "preference":
+        raise UnitrainError(
+            f"{key} {path}: objective pretrain needs a pretraining or sft dataset, got a preference dataset "
+            "(use objective sft to train on prompt+chosen)"
+        )
+    return dataset
+
+
+def load_training_data(config: TrainConfig, context: DistContext) -> TrainingData:
+    """Open and check the datasets, hold out validation, and build this rank's batch stream."""
+    from unitrain.data.packing import plan_rows
+    from unitrain.data.sampling import BatchStream, split_indices
+
+    objective = config.objective
+    packing = {
+        "objective": objective,
+        "mode": config.packing.mode,
+        "share_prompt": config.packing.share_prompt,
+        "sequence_length": config.packing.sequence_length,
+    }
+    sources, validation = [], []
+    for index, source in enumerate(config.data.sources):
+        dataset = _open_dataset(source.path, f"data.train[{index}]", objective)
+        indices = np.arange(len(dataset))
+        if isinstance(config.data.validation, float):
+            indices, held_out = split_indices(len(dataset), config.data.validation, config.train.seed)
+            validation.append((index, held_out))
+        sources.append((dataset, indices, source.weight))
+    datasets = [dataset for dataset, _, _ in sources]
+    if isinstance(config.data.validation, str):
+        datasets.append(_open_dataset(config.data.validation, "data.validation", objective))
+        validation.append((len(sources), np.arange(len(datasets[-1]))))
+    first = sources[0][0]
+    stream = BatchStream(
+        sources,
+        **packing,
+        micro_batch_size=config.batch.micro_batch_size,
+        accumulation_steps=config.batch.gradient_accumulation_steps,
+        seed=config.train.seed,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
+    total_steps = config.train.max_steps
+    if total_steps is None:
+        # Rows of one epoch (a blend takes round(N * weight) documents of each source), over rows of one step.
+        documents = sum(len(indices) for _, indices, _ in sources)
+        weights = sum(weight for _, _, weight in sources)
+        rows = sum(
+            len(plan_rows(dataset, indices, **packing).rows) * (documents * weight / weights) / len(indices)
+            for dataset, indices, weight in sources
+            if len(indices)
+        )
+        per_step = (
+            config.batch.micro_batch_size * config.batch.gradient_accumulation_steps * context.world_size
+        )
+        total_steps = max(1, math.ceil(config.train.epochs * rows / per_step))
+    return TrainingData(
+        stream,
+        datasets,
+        validation,
+        total_steps,
+        packing,
+        config.batch.micro_batch_size,
+        max(int(d.vocab_size) for d, _, _ in sources),
+        first.eos_id,
+        first.tokenizer_path,
+    )

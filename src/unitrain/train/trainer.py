@@ -1,0 +1,362 @@
+"""One training loop for pretraining, SFT and DPO: forward → loss → backward per micro-batch → clip → step.
+
+Normalization is global: the LM/SFT loss of a micro-batch is its sum of token NLLs divided by the number of
+target tokens of the whole optimizer step (every micro-batch, every rank), and the DPO loss is its sum of
+per-pair losses divided by the pairs of the whole step, so accumulation and data parallelism give the gradient
+of one big batch. Only the last micro-batch synchronizes gradients (`no_sync` before it). Everything a step
+reports is a sum reduced once over ranks. Trade-off: the step waits for the global counts, which the data
+stream knows in advance on every rank (it plans the whole step), so no extra communication is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unitrain.config import TrainConfig, config_to_yaml
+from unitrain.data.batch import PackedBatch
+from unitrain.errors import UnitrainError
+from unitrain.train import checkpoint as ckpt
+from unitrain.train.data import TrainingData, load_training_data
+from unitrain.train.dist import DistContext, barrier, init_distributed, shutdown, wrap_model
+from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
+from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps completed (including resumed ones)
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient
+    stopped_by: str | None  # signal name when SIGINT/SIGTERM ended the run early
+    output_dir: Path
+    last_metrics: dict[str, float]
+
+
+DPO_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chosen_logps", "rejected_logps")
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """Transformer + chunked target log-probs as one module, so DDP/FSDP wrap the call that makes the graph."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        from unitrain.losses.logprobs import target_logprobs
+
+        hidden = self.model.hidden_states(batch)  # (R, T, D)
+        return target_logprobs(
+            hidden,
+            self.model.lm_head_weight,
+            batch.target_positions,
+            batch.target_tokens,
+            chunk_size=self.chunk_size,
+        ).logps  # (N,)
+
+
+def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
+    from unitrain.model import ModelConfig, build_model, from_pretrained
+
+    if config.model.path is not None:
+        model = from_pretrained(config.model.path, dtype=torch.float32)
+    else:
+        torch.manual_seed(config.train.seed)
+        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **config.model.config}
+        model = build_model(ModelConfig.from_hf(hf, source="model.config"))
+    if model.config.vocab_size < data.vocab_size:
+        raise UnitrainError(
+            f"model vocab_size {model.config.vocab_size} is smaller than the dataset's {data.vocab_size}"
+        )
+    return model
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, context: DistContext, resume: bool):
+        self.config = config
+        self.context = context
+        self.output_dir = Path(config.run.output_dir)
+        self.data = load_training_data(config, context)
+        self.model = _load_policy(config, self.data).to(context.device)
+        self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
+        if resume and self.resume_from is None and context.is_main:
+            print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
+        if self.resume_from is None and context.is_main:
+            self._export_model(self.model, self.output_dir / "initial")
+        barrier(context)  # the reference may load `initial`, written by rank 0
+        self.reference = None
+        if config.objective == "dpo":
+            self.loss_config = config.preference_loss_config()
+            self.reference = self._make_reference()
+        self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
+        self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.step = 0
+        self.skipped = 0
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.autocast = torch.autocast(
+            context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
+        )
+        self._stop_signal: str | None = None
+
+    def _make_reference(self):
+        """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
+        from unitrain.train.reference import make_reference
+
+        dpo = self.config.dpo
+        bf16 = self.config.train.dtype == "bfloat16"
+        return make_reference(
+            dpo.reference,
+            model_path=dpo.reference_model or self.config.model.path or self.output_dir / "initial",
+            datasets=self.data.datasets,
+            sequence_length=self.config.packing.sequence_length,
+            micro_batch_size=self.config.batch.micro_batch_size,
+            cache_dir=self.output_dir / "reference-cache",
+            device=self.context.device,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+
+    def _export_model(self, model: torch.nn.Module, directory: Path) -> None:
+        from unitrain.model import save_pretrained
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_pretrained(model, directory)
+        ckpt.write_tokenizer_files(self.data.tokenizer_path, self.data.eos_id, directory)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        sharded = self.config.parallel.fsdp and self.context.is_distributed
+        model_state, optimizer_state = ckpt.gather_states(self.wrapped, self.model, self.optimizer, sharded)
+        if self.context.is_main:
+            ckpt.save_checkpoint(
+                self.output_dir,
+                self.step,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+                trainer_state={
+                    "step": self.step,
+                    "skipped": self.skipped,
+                    "sampler": self.data.stream.state_dict(),
+                    "rng": ckpt.rng_state(),
+                },
+                model_config=self.model.config.to_hf(),
+                config_yaml=config_to_yaml(self.config),
+                meta={
+                    "tokenizer_path": str(self.data.tokenizer_path) if self.data.tokenizer_path else None,
+                    "eos_id": self.data.eos_id,
+                    "objective": self.config.objective,
+                },
+                keep_last=self.config.run.keep_last,
+            )
+        barrier(self.context)
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        sharded = self.config.parallel.fsdp and self.context.is_distributed
+        ckpt.restore_states(
+            self.wrapped, self.model, self.optimizer, sharded, state["model_state"], state["optimizer_state"]
+        )
+        trainer_state = state["trainer_state"]
+        self.step, self.skipped = int(trainer_state["step"]), int(trainer_state["skipped"])
+        self.data.stream.load_state_dict(trainer_state["sampler"])
+        ckpt.set_rng_state(trainer_state["rng"])
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _sync_context(self, sync: bool):
+        if sync or not self.context.is_distributed:
+            return contextlib.nullcontext()
+        if self.config.parallel.fsdp:
+            self.wrapped.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def _batch_loss(
+        self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), and metric sums."""
+        logps = module(batch)  # (N,)
+        sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
+        if self.config.objective != "dpo":
+            from unitrain.losses.lm import lm_loss_sum
+
+            loss_sum, _ = lm_loss_sum(logps.float())
+            return loss_sum, sums
+        from unitrain.losses.preference import preference_losses, response_logps
+
+        policy, counts = response_logps(
+            logps.float(), batch.target_pair, batch.target_response, batch.num_pairs
+        )
+        reference = self.reference.pair_logps(batch, position)  # (P, 2), or None when reference-free
+        output = preference_losses(
+            policy, reference, counts, self.loss_config, chosen_tokens_per_pair=chosen_per_pair
+        )
+        sums.update(
+            pairs=batch.num_pairs,
+            chosen_rewards=output.chosen_rewards.sum(),
+            rejected_rewards=output.rejected_rewards.sum(),
+            accuracies=(output.chosen_rewards > output.rejected_rewards).sum(),
+            chosen_logps=policy[:, 0].detach().sum(),
+            rejected_logps=policy[:, 1].detach().sum(),
+        )
+        return output.losses.sum(), sums
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; returns its metrics, or None when it was skipped (non-finite loss/gradient)."""
+        started = time.perf_counter()
+        step_batches = self.data.stream.next_step()
+        is_dpo = self.config.objective == "dpo"
+        denominator = max(step_batches.global_pairs if is_dpo else step_batches.global_targets, 1)
+        chosen_per_pair = (
+            step_batches.global_chosen_targets / max(step_batches.global_pairs, 1) if is_dpo else None
+        )
+        lr = learning_rate_at(
+            self.step, self.config.optimizer.lr, self.data.total_steps, self.config.schedule
+        )
+        set_learning_rate(self.optimizer, lr)
+        self.wrapped.train()
+        totals: dict[str, float | torch.Tensor] = {"loss": 0.0}
+        last = len(step_batches.micro_batches) - 1
+        for index, batch in enumerate(step_batches.micro_batches):
+            batch = batch.to(self.context.device)
+            with self._sync_context(index == last), self.autocast:
+                loss_sum, sums = self._batch_loss(self.wrapped, batch, chosen_per_pair)
+            # DDP/FSDP average gradients over ranks; the global normalization needs their sum.
+            (loss_sum * (self.context.world_size / denominator)).backward()
+            totals["loss"] = totals["loss"] + loss_sum.detach()
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+        if self.config.parallel.fsdp and self.context.is_distributed:
+            self.wrapped.set_requires_gradient_sync(True)
+        totals["stop"] = float(self._stop_signal is not None)
+        reduced = reduce_sums(totals, self.context)
+        grad_norm = self._clip_gradients()
+        elapsed = time.perf_counter() - started
+        if reduced["stop"] > 0 and self._stop_signal is None:
+            self._stop_signal = "signal on another rank"
+        if not (math.isfinite(reduced["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {
+            "loss": reduced["loss"] / denominator,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "tokens_per_second": reduced["tokens"] / elapsed,
+            "padding_fraction": 1.0 - reduced["tokens"] / max(reduced["slots"], 1),
+            "epoch": self.data.stream.epoch,
+        }
+        if is_dpo:
+            metrics.update(preference_metrics(reduced))
+            metrics["pairs_per_second"] = reduced["pairs"] / elapsed
+        return metrics
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.optimizer.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- validation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss (and DPO metrics) over every validation document/pair, reduced over ranks."""
+        if not self.data.validation:
+            return {}
+        # Under FSDP every rank runs every batch (the forward is collective); otherwise ranks split the batches.
+        shard = not self.config.parallel.fsdp
+        module = self.wrapped if self.config.parallel.fsdp else self.policy
+        module.eval()
+        keys = ("loss", "tokens", "slots", "targets") + (DPO_SUMS if self.config.objective == "dpo" else ())
+        totals: dict[str, float | torch.Tensor] = dict.fromkeys(keys, 0.0)  # same keys on every rank
+        for index, (position, batch) in enumerate(self.data.validation_batches()):
+            if shard and index % self.context.world_size != self.context.rank:
+                continue
+            with self.autocast:
+                loss_sum, sums = self._batch_loss(module, batch.to(self.context.device), None, position)
+            for key, value in {"loss": loss_sum, **sums}.items():
+                totals[key] = totals[key] + value
+        reduced = reduce_sums(totals, self.context) if shard else {k: float(v) for k, v in totals.items()}
+        if self.config.objective != "dpo":
+            return {"eval/loss": reduced["loss"] / max(reduced["targets"], 1)}
+        return {
+            "eval/loss": reduced["loss"] / max(reduced["pairs"], 1),
+            **preference_metrics(reduced, "eval/"),
+        }
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self) -> TrainResult:
+        run = self.config.run
+        total = self.data.total_steps
+        writer = MetricsWriter(
+            self.output_dir,
+            self.context.is_main,
+            run.tensorboard,
+            resume_step=self.step if self.resume_from is not None else None,
+        )
+        progress = Progress(total, self.step, run.progress and self.context.is_main)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        consecutive_bad, last_metrics, saved_at = 0, {}, self.step if self.resume_from is not None else -1
+        try:
+            while self.step < total:
+                metrics = self.train_step()
+                if metrics is None:
+                    self.skipped += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= self.config.train.max_nonfinite_steps:
+                        raise UnitrainError(
+                            f"stopping at step {self.step}: {consecutive_bad} steps in a row had a non-finite loss "
+                            f"or gradient (lower optimizer.lr, set optimizer.grad_clip, or check the data)"
+                        )
+                    continue
+                consecutive_bad = 0
+                self.step += 1
+                metrics["skipped_steps"] = self.skipped
+                last_metrics = metrics
+                progress.update(metrics)
+                if run.eval_every and self.step % run.eval_every == 0 and self.step < total:
+                    metrics.update(self.evaluate())
+                if self.step % run.log_every == 0 or self.step == total:
+                    writer.log(self.step, metrics)
+                if self._stop_signal is not None or (run.save_every and self.step % run.save_every == 0):
+                    self.save()
+                    saved_at = self.step
+                if self._stop_signal is not None:
+                    break
+            if self._stop_signal is None:
+                final_eval = self.evaluate()
+                if final_eval:
+                    writer.log(self.step, final_eval)
+                    last_metrics = {**last_metrics, **final_eval}
+                if saved_at != self.step:
+                    self.save()
+                if self.context.is_main:
+                    ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            progress.close()
+            writer.close()
+        return TrainResult(self.step, self.skipped, self._stop_signal, self.output_dir, last_metrics)
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run (or resume) training as described by `config`; joins the torchrun process group when launched so."""
+    context = init_distributed(config.train.device)
+    try:
+        return Trainer(config, context, resume).fit()
+    finally:
+        shutdown(context)

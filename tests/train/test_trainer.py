@@ -1,0 +1,157 @@
+"""The training loop on tiny synthetic data: global normalization, validation against `transformers`, pinned
+LM/SFT losses, non-finite steps, objective/dataset checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.sampling import split_indices
+from unitrain.errors import UnitrainError
+from unitrain.train import train
+from unitrain.train.checkpoint import latest_checkpoint
+from unitrain.train.metrics import read_metrics
+
+
+def step_losses(output_dir) -> list[float]:
+    return [row["loss"] for row in read_metrics(output_dir / "metrics.jsonl") if "loss" in row]
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(output_dir) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "dpo"])
+def test_accumulation_gives_the_big_batch_gradient(
+    objective, pretrain_data, preference_data, tmp_path, tiny_config
+):
+    """2 micro-batches of 2 rows == 1 micro-batch of 4 rows: the loss is normalized by the step's global count,
+    not averaged per micro-batch (micro-batches here hold different numbers of targets/pairs)."""
+    data = preference_data if objective == "dpo" else pretrain_data
+    accumulated = tiny_config(
+        objective, data, tmp_path / "a", batch={"micro_batch_size": 2, "gradient_accumulation_steps": 2}
+    )
+    big = tiny_config(
+        objective, data, tmp_path / "b", batch={"micro_batch_size": 4, "gradient_accumulation_steps": 1}
+    )
+    train(accumulated)
+    train(big)
+    np.testing.assert_allclose(step_losses(tmp_path / "a"), step_losses(tmp_path / "b"), rtol=1e-5)
+    for name, tensor in final_weights(tmp_path / "a").items():
+        torch.testing.assert_close(tensor, final_weights(tmp_path / "b")[name], rtol=1e-4, atol=1e-5)
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def _token_logps(model, tokens: np.ndarray) -> torch.Tensor:
+    """log p(tokens[t] | tokens[:t]) for t >= 1, from the transformers model: (L - 1,)."""
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]  # (1, L)
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()  # (L - 1, V)
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "sft"])
+def test_validation_loss_matches_transformers(objective, pretrain_data, sft_data, tmp_path, tiny_config):
+    data = sft_data if objective == "sft" else pretrain_data
+    result = train(tiny_config(objective, data, tmp_path))
+    model = _hf_model(tmp_path / "hf")
+    dataset = GPTMemmapDataset(data)
+    _, held_out = split_indices(len(dataset), 0.125, seed=0)
+    total, count = 0.0, 0
+    for index in held_out:
+        sample = dataset[int(index)]
+        logps = _token_logps(model, sample.token_ids)  # (L - 1,) predicting tokens 1..L-1
+        keep = np.ones(len(sample.token_ids), dtype=bool)
+        keep[0] = False
+        if sample.loss_masking_spans is not None:
+            for begin, end in sample.loss_masking_spans:
+                keep[begin:end] = False
+        total -= float(logps[torch.as_tensor(keep[1:])].sum())
+        count += int(keep.sum())
+    assert result.last_metrics["eval/loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_dpo_validation_metrics_match_transformers(preference_data, tmp_path, tiny_config):
+    beta = 0.2
+    result = train(tiny_config("dpo", preference_data, tmp_path, dpo={"beta": beta}))
+    policy, reference = _hf_model(tmp_path / "hf"), _hf_model(tmp_path / "initial")
+    dataset = GPTMemmapDataset(preference_data)
+    _, held_out = split_indices(len(dataset), 0.125, seed=0)
+    margins, losses, chosen_logps = [], [], []
+    for index in held_out:
+        sample = dataset[int(index)]
+        prompt = len(sample.prompt_ids)
+        rewards = []
+        for which, response in enumerate((sample.chosen_ids, sample.rejected_ids)):
+            tokens = np.concatenate([sample.prompt_ids, response])
+            sums = [float(_token_logps(m, tokens)[prompt - 1 :].sum()) for m in (policy, reference)]
+            rewards.append(beta * (sums[0] - sums[1]))
+            if which == 0:
+                chosen_logps.append(sums[0])
+        margins.append(rewards[0] - rewards[1])
+        losses.append(-F.logsigmoid(torch.tensor(margins[-1])).item())
+    metrics = result.last_metrics
+    assert metrics["eval/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert metrics["eval/rewards/margins"] == pytest.approx(np.mean(margins), rel=1e-3, abs=1e-5)
+    assert metrics["eval/rewards/accuracies"] == pytest.approx(np.mean(np.array(margins) > 0))
+    assert metrics["eval/logps/chosen"] == pytest.approx(np.mean(chosen_logps), rel=1e-4)
+
+
+# Per-step losses of a fixed tiny setup, recorded when the trainer landed: preference (DPO) work must not move them.
+PINNED = {
+    "pretrain": [3.881161, 3.526865, 3.272994, 3.034004, 2.822383, 2.724472],
+    "sft": [3.884691, 3.524394, 3.278352, 3.058516, 2.906837, 2.853604],
+}
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "sft"])
+def test_lm_and_sft_losses_are_pinned(objective, pretrain_data, sft_data, tmp_path, tiny_config):
+    data = sft_data if objective == "sft" else pretrain_data
+    train(tiny_config(objective, data, tmp_path))
+    losses = step_losses(tmp_path)
+    np.testing.assert_allclose(losses, PINNED[objective], rtol=1e-5)
+    assert losses[-1] < losses[0] - 0.3  # and it learns
+
+
+def test_nonfinite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch, tiny_config):
+    import unitrain.losses.lm as lm
+
+    real = lm.lm_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logps):
+        calls["n"] += 1
+        loss, count = real(logps)
+        return (loss * float("nan") if calls["n"] in (3, 4) else loss), count  # step 2's two micro-batches
+
+    monkeypatch.setattr(lm, "lm_loss_sum", poisoned)
+    result = train(tiny_config("pretrain", pretrain_data, tmp_path / "skip", train={"max_steps": 4}))
+    assert (result.steps, result.skipped_steps) == (4, 1)
+    assert all(np.isfinite(step_losses(tmp_path / "skip")))
+    monkeypatch.setattr(lm, "lm_loss_sum", lambda logps: (real(logps)[0] * float("nan"), logps.numel()))
+    config = tiny_config("pretrain", pretrain_data, tmp_path / "stop", train={"max_nonfinite_steps": 3})
+    with pytest.raises(UnitrainError, match="3 steps in a row had a non-finite loss or gradient"):
+        train(config)
+
+
+def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_path, tiny_config):
+    with pytest.raises(
+        UnitrainError,
+        match=r"data.train\[0\] .*objective dpo needs a preference dataset, got a "
+        r"pretraining dataset",
+    ):
+        train(tiny_config("dpo", pretrain_data, tmp_path))
+    with pytest.raises(UnitrainError, match="objective pretrain needs a pretraining or sft dataset"):
+        train(tiny_config("pretrain", preference_data, tmp_path))
+    # SFT on a preference dataset trains on prompt + chosen
+    result = train(tiny_config("sft", preference_data, tmp_path / "sft-pref", train={"max_steps": 2}))
+    assert result.steps == 2
