@@ -185,10 +185,13 @@ def implicit_prompt(chosen: str, rejected: str, marker: str = ASSISTANT_MARKER) 
     Without the marker in the shared prefix, the cut falls before the last whitespace of the shared prefix, so each
     response keeps its leading space (" Paris" / " Lyon"). Returns 0 when there is no clean shared prefix.
     """
-    shared = 0
-    limit = min(len(chosen), len(rejected))
-    while shared < limit and chosen[shared] == rejected[shared]:
-        shared += 1
+    shared, limit = 0, min(len(chosen), len(rejected))
+    while shared < limit:  # binary search on C-level slice comparisons, not a Python loop per character
+        middle = (shared + limit + 1) // 2
+        if chosen[:middle] == rejected[:middle]:
+            shared = middle
+        else:
+            limit = middle - 1
     prefix = chosen[:shared]
     found = prefix.rfind(marker)
     if found >= 0:
@@ -316,6 +319,8 @@ def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], rend
         name = "text" if fields["text"] in row and fields["prompt"] not in row else "prompt"
         prompt = _string(row, fields, name)
     else:
+        if chosen == rejected:
+            raise RowError("identical_responses", fields["rejected"], "chosen and rejected are the same text")
         cut = implicit_prompt(chosen, rejected)
         if cut == 0:
             raise RowError("no_shared_prompt", fields["chosen"], "chosen and rejected share no prompt")
