@@ -207,7 +207,7 @@ def _flex_attention(batch: PackedBatch, sliding_window: int | None) -> Attention
 
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     doc, seg, pos = batch.document_id, batch.segment, batch.position_ids
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 (flex attention's signature)
