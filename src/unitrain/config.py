@@ -199,19 +199,13 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _contradictions(self) -> TrainConfig:
         if self.objective != "dpo":
-            if "dpo" in self.model_fields_set:
+            # Compared with the defaults (not with the keys given) so that a dumped config loads again.
+            if self.dpo != DPOSection():
                 raise ValueError(f"dpo settings are given but objective is {self.objective}")
-            explicit = self.packing.model_fields_set & {"mode", "share_prompt"}
-            if explicit:
+            if self.packing.mode != "packed" or not self.packing.share_prompt:
                 raise ValueError(
-                    f"packing.{sorted(explicit)[0]} only applies to objective dpo, not {self.objective}"
+                    f"packing.mode and packing.share_prompt only apply to objective dpo, not {self.objective}"
                 )
-        if (
-            self.packing.mode == "separate"
-            and self.packing.share_prompt
-            and "share_prompt" in (self.packing.model_fields_set)
-        ):
-            raise ValueError("packing.mode separate always duplicates the prompt; drop packing.share_prompt")
         if self.train.max_steps is not None and self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below train.max_steps "

@@ -66,7 +66,7 @@ def preference_data(tmp_path_factory):
     )
 
 
-def tiny_raw(objective: str, data, output_dir, **sections) -> dict:
+def tiny_raw(objective: str, data_dir, output_dir, **sections) -> dict:
     raw = {
         "objective": objective,
         "model": {
@@ -77,7 +77,7 @@ def tiny_raw(objective: str, data, output_dir, **sections) -> dict:
                 "num_attention_heads": 4,
             }
         },
-        "data": {"train": str(data), "validation": 0.125},
+        "data": {"train": str(data_dir), "validation": 0.125},
         "packing": {"sequence_length": 64},
         "batch": {"micro_batch_size": 2, "gradient_accumulation_steps": 2},
         "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
@@ -94,7 +94,7 @@ def tiny_raw(objective: str, data, output_dir, **sections) -> dict:
 def tiny_config():
     """Factory: `tiny_config(objective, data_dir, output_dir, section={key: value}, ...)` -> TrainConfig."""
 
-    def make(objective: str, data, output_dir, **sections):
-        return parse_config(tiny_raw(objective, data, output_dir, **sections))
+    def make(objective: str, data_dir, output_dir, **sections):
+        return parse_config(tiny_raw(objective, data_dir, output_dir, **sections))
 
     return make

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unitrain.config import configuration_markdown, load_config, parse_config
+from unitrain.config import config_to_yaml, configuration_markdown, load_config, parse_config
 from unitrain.errors import UnitrainError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def test_unknown_key_inside_blend_list():
         ({"train": {}}, "exactly one of train.max_steps and train.epochs"),
         ({"model": {"path": "x", "config": {"hidden_size": 8}}}, "exactly one of model.path"),
         ({"dpo": {"beta": 0.2}}, "dpo settings are given but objective is sft"),
-        ({"packing": {"mode": "pair"}}, "packing.mode only applies to objective dpo"),
+        ({"packing": {"mode": "pair"}}, "packing.mode and packing.share_prompt only apply to objective dpo"),
         ({"schedule": {"warmup_steps": 10}}, "warmup_steps (10) must be below train.max_steps (10)"),
         ({"data": {"train": "d", "validation": 1.5}}, "fraction must be in (0, 1)"),
         ({"optimizer": {"lr": -1}}, "optimizer.lr: Input should be greater than 0"),
@@ -99,10 +99,12 @@ def test_contradictions_refused_with_reason(changes, message):
     assert str(error.value).startswith("run.yaml: ")
 
 
-def test_separate_mode_refuses_explicit_share_prompt():
-    raw = base(objective="dpo", packing={"mode": "separate", "share_prompt": True})
-    with pytest.raises(UnitrainError, match="separate always duplicates the prompt"):
-        parse_config(raw)
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_dumped_config_loads_back_equal(objective):
+    config = parse_config(
+        base(objective=objective, data={"train": [{"path": "a", "weight": 2.0}], "validation": 0.1})
+    )
+    assert parse_config(yaml.safe_load(config_to_yaml(config))) == config
 
 
 def test_dpo_loss_contradictions_come_from_the_loss_config():

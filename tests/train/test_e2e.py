@@ -1,0 +1,124 @@
+"""End to end through the CLI on real data: prepare a slice of HH-RLHF, DPO-train a tiny random Llama, export,
+plot; SFT and pretraining on the same slice. Learning is checked, not just that the commands run."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from unitrain.cli import main
+from unitrain.config import config_to_yaml
+from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.sampling import iterate_batches
+from unitrain.model import from_pretrained
+from unitrain.train.metrics import read_metrics
+from unitrain.train.reference import pair_logps_of
+
+TINY_MODEL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def hh_slice(hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factory):
+    """The first 64 HH-RLHF rows prepared as preference pairs and as plain text (the chosen dialogues)."""
+    root = tmp_path_factory.mktemp("hh")
+    with gzip.open(hh_rlhf_path, "rt") as source:
+        (root / "slice.jsonl").write_text("".join(next(source) for _ in range(64)))
+    common = [
+        "--input",
+        str(root / "slice.jsonl"),
+        "--tokenizer",
+        str(gpt2_tokenizer_path),
+        "--max-length",
+        "128",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    assert main(["prepare", *common, "--mode", "preference", "--output", str(root / "pairs")]) == 0
+    assert (
+        main(["prepare", *common, "--mode", "text", "--field", "text=chosen", "--output", str(root / "text")])
+        == 0
+    )
+    return root
+
+
+def run_cli(tmp_path, tiny_config, objective, data, steps, **sections):
+    config = tiny_config(
+        objective,
+        data,
+        tmp_path / objective,
+        model={"config": TINY_MODEL},
+        data={"train": str(data), "validation": None},
+        packing={"sequence_length": 512},
+        batch={"micro_batch_size": 1, "gradient_accumulation_steps": 1},
+        optimizer={"lr": 1e-2, "weight_decay": 0.0},
+        schedule={"kind": "constant", "warmup_steps": 2},
+        train={"max_steps": steps},
+        **sections,
+    )
+    path = tmp_path / f"{objective}.yaml"
+    path.write_text(config_to_yaml(config))
+    assert main(["train", str(path)]) == 0
+    return read_metrics(tmp_path / objective / "metrics.jsonl")
+
+
+def training_pair_accuracy(run_dir, dataset_dir) -> float:
+    """Implicit-reward accuracy of the exported policy against its starting point on every training pair."""
+    policy, reference = from_pretrained(run_dir / "hf"), from_pretrained(run_dir / "initial")
+    dataset = GPTMemmapDataset(dataset_dir)
+    correct = total = 0
+    batches = iterate_batches(
+        dataset,
+        np.arange(len(dataset)),
+        objective="dpo",
+        mode="pair",
+        share_prompt=True,
+        sequence_length=512,
+        micro_batch_size=8,
+    )
+    with torch.no_grad():
+        for batch in batches:
+            ratios = pair_logps_of(policy, batch)[0] - pair_logps_of(reference, batch)[0]  # (P, 2)
+            correct += int((ratios[:, 0] > ratios[:, 1]).sum())
+            total += batch.num_pairs
+    assert total == len(dataset)
+    return correct / total
+
+
+def test_dpo_on_hh_rlhf_learns_then_exports_and_plots(hh_slice, tmp_path, tiny_config):
+    rows = run_cli(tmp_path, tiny_config, "dpo", hh_slice / "pairs", steps=30)
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert np.mean([row["rewards/accuracies"] for row in rows[-5:]]) > 0.8
+    assert training_pair_accuracy(tmp_path / "dpo", hh_slice / "pairs") > 0.8  # chance is 0.5
+
+    # export: transformers loads weights and tokenizer, and computes the logits our model computes
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["export", str(tmp_path / "dpo"), "--output", str(tmp_path / "exported")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    ids = torch.tensor([tokenizer("\n\nHuman: How do I bake bread?\n\nAssistant:")["input_ids"]])  # (1, L)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf_model(ids).logits, from_pretrained(tmp_path / "dpo" / "hf")(ids), rtol=1e-4, atol=1e-4
+        )
+
+    assert main(["plot", str(tmp_path / "dpo")]) == 0
+    assert (tmp_path / "dpo" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("objective, data", [("sft", "pairs"), ("pretrain", "text")])
+def test_sft_and_pretraining_on_hh_rlhf_lower_the_loss(objective, data, hh_slice, tmp_path, tiny_config):
+    rows = run_cli(tmp_path, tiny_config, objective, hh_slice / data, steps=15)
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5

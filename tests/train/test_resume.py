@@ -1,0 +1,65 @@
+"""SIGTERM saves and exits; `--resume` then gives the same losses and weights as a run that never stopped."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from unitrain.cli import main
+from unitrain.config import config_to_yaml
+from unitrain.train import train
+from unitrain.train.checkpoint import latest_checkpoint, list_checkpoints
+from unitrain.train.metrics import read_metrics
+from unitrain.train.trainer import Trainer
+
+
+def test_sigterm_then_resume_matches_uninterrupted(preference_data, tmp_path, tiny_config, monkeypatch):
+    def config(output_dir):
+        return tiny_config(
+            "dpo",
+            preference_data,
+            output_dir,
+            train={"max_steps": 8},
+            run={"save_every": 3, "eval_every": 4, "keep_last": 5},
+        )
+
+    train(config(tmp_path / "full"))
+    path = tmp_path / "run.yaml"
+    path.write_text(config_to_yaml(config(tmp_path / "stopped")))
+
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(self):
+        metrics = real_step(self)
+        if self.step == 4:  # a real SIGTERM arrives while step 5 runs
+            signal.raise_signal(signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    assert main(["train", str(path)]) == 128 + signal.SIGTERM
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["step-00000003", "step-00000005"]
+    monkeypatch.undo()
+    assert main(["train", str(path), "--resume"]) == 0
+
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert [row["step"] for row in resumed] == [row["step"] for row in full]  # no step lost or repeated
+    for before, after in zip(full, resumed):
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "learning_rate"):
+            if key in before:
+                np.testing.assert_allclose(
+                    after[key], before[key], rtol=1e-6, err_msg=f"step {before['step']}"
+                )
+    weights = load_file(str(latest_checkpoint(tmp_path / "full") / "model.safetensors"))
+    resumed_weights = load_file(str(latest_checkpoint(tmp_path / "stopped") / "model.safetensors"))
+    for name, tensor in weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_without_checkpoint_starts_fresh(pretrain_data, tmp_path, tiny_config, capsys):
+    result = train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}), resume=True)
+    assert result.steps == 2
+    assert "no checkpoint" in capsys.readouterr().out
