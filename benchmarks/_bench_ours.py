@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ def policy_pair_logps(model, batch):
 
 def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dict:
     from unitrain.losses.preference import PreferenceLossConfig, preference_losses
+    from unitrain.model.attention import build_attention
     from unitrain.train.reference import make_reference
 
     start = time.perf_counter()
@@ -127,7 +129,7 @@ def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dic
         "peak_device_mib": peak_device_mib(spec.device),
         "padded_slots": slots,
         "real_slots": real,
-        "attention_backend": type(model).__name__ + ":" + model.attention_backend,
+        "attention_backend": build_attention(batch, model.attention_backend).backend,
     }
     if variant == "cached":
         result["reference_logps"] = reference.table.tolist()
@@ -178,6 +180,10 @@ def run_gate(spec: Spec) -> dict:
 def main(argv: list[str]) -> int:
     spec_path, variant, mode, share_prompt, out_path = argv
     spec = Spec.load(spec_path)
+    if variant == "gate":
+        spec = replace(
+            spec, dtype="float32"
+        )  # the gate checks the arithmetic, at full precision on any device
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     if variant == "gate":

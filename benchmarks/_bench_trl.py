@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -244,6 +245,10 @@ def run_gate(spec: Spec) -> dict:
 def main(argv: list[str]) -> int:
     spec_path, variant, out_path = argv
     spec = Spec.load(spec_path)
+    if variant == "gate":
+        spec = replace(
+            spec, dtype="float32"
+        )  # the gate checks the arithmetic, at full precision on any device
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     # A fresh datasets cache per process: TRL must really precompute, never reuse an earlier worker's file.
