@@ -200,3 +200,14 @@ def test_bos_not_doubled_when_text_starts_with_it(run_prepare, bos_tokenizer_dir
     for index in range(2):
         token_ids = dataset[index].token_ids.tolist()
         assert token_ids[0] == dataset.bos_id and token_ids[1:].count(dataset.bos_id) == 0
+
+
+def test_workers_with_dropped_and_truncated_rows(run_prepare):
+    rows = [{"prompt": "p " * 30, "chosen": " x", "rejected": " y"}, "not json"]
+    rows += [{"prompt": f"q{i}", "chosen": " a b c d e f", "rejected": " g"} for i in range(600)]
+    one, report_one = run_prepare(rows, max_length=8, workers=1)
+    two, report_two = run_prepare(rows, max_length=8, workers=2)
+    assert report_one["dropped"] == report_two["dropped"] == {"prompt_too_long": 1, "unparsable_line": 1}
+    assert report_one["truncated_pairs"] == report_two["truncated_pairs"] == 600
+    for name in ("shard-00000.tokens", "shard-00000.index"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()

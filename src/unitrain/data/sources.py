@@ -36,6 +36,9 @@ class RowError(Exception):
         super().__init__(message)
         self.reason, self.field, self.message = reason, field, message
 
+    def __reduce__(self):  # travels back from the worker processes
+        return RowError, (self.reason, self.field, self.message)
+
 
 @dataclass
 class Document:
