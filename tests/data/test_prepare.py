@@ -71,6 +71,10 @@ def test_hh_rlhf_implicit_prompt_round_trip(hh_rows, hh_dataset, gpt2_tokenizer_
             whole_history += 1
             assert prompt == row["chosen"].rsplit(MARKER, 1)[0] + MARKER
     assert whole_history > 2000
+    from transformers import AutoTokenizer
+
+    copied = AutoTokenizer.from_pretrained(dataset.tokenizer_path)
+    assert copied.eos_token_id == 50256 and copied.bos_token is None
 
 
 def test_worker_count_gives_identical_bytes(hh_dataset, hh_rlhf_path, gpt2_tokenizer_path, tmp_path):

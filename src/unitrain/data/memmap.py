@@ -182,7 +182,7 @@ class DatasetWriter:
             self.current = None
         tokenizer_hashes = {}
         if self.tokenizer_files:
-            (self.temp / "tokenizer").mkdir()
+            (self.temp / "tokenizer").mkdir(exist_ok=True)
             for source in self.tokenizer_files:
                 shutil.copyfile(source, self.temp / "tokenizer" / source.name)
                 tokenizer_hashes[source.name] = _sha256_file(source)

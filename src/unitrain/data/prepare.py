@@ -202,6 +202,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             "ignored_loss_masking_spans_rows": counters.ignored_span_rows[:FIRST_ROWS_KEPT],
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if not any(path.name == "tokenizer_config.json" for path in tokenizer.files):
+            _write_tokenizer_config(writer.temp / "tokenizer", tokenizer)
         (writer.temp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         settings = config.model_dump(exclude={"overwrite", "output", "workers"})
         writer.close(
@@ -218,6 +220,17 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             }
         )
     return report
+
+
+def _write_tokenizer_config(directory: Path, tokenizer: TextTokenizer) -> None:
+    """A bare tokenizer.json gets a tokenizer_config.json naming BOS/EOS, so transformers loads the copy."""
+    names = {
+        key: None if token_id is None else tokenizer.tokenizer.id_to_token(token_id)
+        for key, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
+    }
+    directory.mkdir(exist_ok=True)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _progress_bar(enabled: bool):
