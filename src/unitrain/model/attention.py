@@ -135,6 +135,22 @@ def _document_spans(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor] | N
     return starts, lengths
 
 
+class _Regather(torch.autograd.Function):
+    """out = src[index] with the rows listed in `zero` set to 0; `inverse` maps back, so the backward is a gather
+    too (index_select's own backward is a scatter-add, several times slower on CPU). Exact because the rows
+    dropped in backward (document padding) get zero gradient: they are masked keys or discarded queries."""
+
+    @staticmethod
+    def forward(ctx, src, index, zero, inverse, inverse_zero):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(inverse, inverse_zero)
+        return src.index_select(0, index).index_fill_(0, zero, 0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        inverse, inverse_zero = ctx.saved_tensors
+        return grad.index_select(0, inverse).index_fill_(0, inverse_zero, 0), None, None, None, None
+
+
 def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attention:
     spans = _document_spans(batch)
     if spans is None:
@@ -153,8 +169,10 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
         needs_mask = needs_mask | (lengths > sliding_window)
     bucket_of = torch.ceil(torch.log2(lengths.clamp(min=16).double())).long() * 2 + needs_mask.long()
 
-    scatter = torch.full((flat_doc.numel(),), -1, dtype=torch.long, device=device)
-    buckets: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []  # (gather (docs*L,), L, mask)
+    flat_source = torch.full((flat_doc.numel(),), -1, dtype=torch.long, device=device)  # slot -> padded entry
+    padded_sources: list[torch.Tensor] = []  # per bucket: padded entry -> slot (0 on padding entries)
+    padded_zero: list[torch.Tensor] = []  # per bucket: padding entries
+    buckets: list[tuple[int, int, int, torch.Tensor | None]] = []  # (offset, documents, L, mask)
     offset = 0
     for bucket in torch.unique(bucket_of).tolist():
         members = torch.nonzero(bucket_of == bucket).squeeze(1)
@@ -162,11 +180,11 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
         width = int(bucket_lengths.max())
         local = torch.arange(width, device=device)
         valid = local[None, :] < bucket_lengths[:, None]  # (docs, L)
-        gather = bucket_starts[:, None] + torch.minimum(
-            local[None, :], bucket_lengths[:, None] - 1
-        )  # (docs, L)
-        padded_index = offset + torch.arange(gather.numel(), device=device).view_as(gather)
-        scatter[gather[valid]] = padded_index[valid]
+        gather = torch.where(valid, bucket_starts[:, None] + local[None, :], 0)  # (docs, L)
+        entries = offset + torch.arange(gather.numel(), device=device).view_as(gather)  # (docs, L)
+        flat_source[gather[valid]] = entries[valid]
+        padded_sources.append(gather.reshape(-1))
+        padded_zero.append(entries[~valid])
         mask = None
         if bucket % 2:
             doc = torch.where(valid, flat_doc[gather], -1)
@@ -175,25 +193,30 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
                 doc[:, :, None], doc[:, None, :], seg[:, :, None], seg[:, None, :],
                 pos[:, :, None], pos[:, None, :], local[:, None], local[None, :], sliding_window,
             )[:, None]  # fmt: skip  # (docs, 1, L, L)
-        buckets.append((gather.reshape(-1), width, mask))
+        buckets.append((offset, len(members), width, mask))
         offset += gather.numel()
-    scatter = torch.where(scatter < 0, offset, scatter)  # padding slots read the zero row appended below
+    to_padded = (torch.cat(padded_sources), torch.cat(padded_zero))
+    to_flat = (flat_source.clamp(min=0), torch.nonzero(flat_source < 0).squeeze(1))
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rows, length, heads, head_dim = q.shape
-        q_flat, k_flat, v_flat = (t.reshape(rows * length, t.shape[2], head_dim) for t in (q, k, v))
+        q_pad, k_pad, v_pad = (  # (P, heads, Dh): every document padded to its bucket's length
+            _Regather.apply(t.reshape(rows * length, t.shape[2], head_dim), *to_padded, *to_flat)
+            for t in (q, k, v)
+        )
         outputs = []
-        for gather, width, mask in buckets:
+        for offset, documents, width, mask in buckets:
             q_b, k_b, v_b = (  # (docs, heads, L, Dh)
-                t.index_select(0, gather).view(-1, width, t.shape[1], head_dim).transpose(1, 2)
-                for t in (q_flat, k_flat, v_flat)
+                t[offset : offset + documents * width]
+                .view(documents, width, t.shape[1], head_dim)
+                .transpose(1, 2)
+                for t in (q_pad, k_pad, v_pad)
             )
             out = F.scaled_dot_product_attention(  # (docs, H, L, Dh)
                 q_b, k_b, v_b, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
             outputs.append(out.transpose(1, 2).reshape(-1, heads, head_dim))  # (docs*L, H, Dh)
-        outputs.append(q_flat.new_zeros(1, heads, head_dim))
-        merged = torch.cat(outputs).index_select(0, scatter)  # (R*T, H, Dh)
+        merged = _Regather.apply(torch.cat(outputs), *to_flat, *to_padded)  # (R*T, H, Dh)
         return merged.view(rows, length, heads, head_dim)
 
     return Attention("blocks", run)
