@@ -39,11 +39,13 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], chunk_size):
             end = min(begin + chunk_size, hidden.shape[0])
             logits = (weight_c @ hidden[begin:end].to(compute_dtype).T).float()  # (V, C)
-            log_norms[begin:end] = torch.logsumexp(logits, dim=0)
             target_logits = logits.gather(0, targets[None, begin:end]).squeeze(0)  # (C,)
-            logps[begin:end] = target_logits - log_norms[begin:end]
             if with_argmax:
                 correct[begin:end] = logits.argmax(dim=0) == targets[begin:end]
+            # log-sum-exp in place: no second (V, C) buffer
+            peak = logits.amax(dim=0)  # (C,)
+            log_norms[begin:end] = logits.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
+            logps[begin:end] = target_logits - log_norms[begin:end]
         ctx.save_for_backward(hidden, weight, targets, log_norms)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         if correct is not None:
