@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-layouts", action="store_true", help="skip the separate/pair/packed breakdown runs"
     )
+    parser.add_argument(
+        "--layout-repeats",
+        type=int,
+        default=1,
+        help="repeats of the breakdown runs (headline runs: --repeats)",
+    )
     parser.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off here")
     parser.add_argument("--workdir", default=None, help="keep checkpoints, data and raw results here")
     parser.add_argument("--output", default=None, help="write the full results as JSON here")
