@@ -108,6 +108,7 @@ def test_text_with_bos_and_split(run_prepare, bos_tokenizer_dir):
     assert dataset.bos_id == tokenizer.bos_id is not None and whole[0] == dataset.bos_id
     assert tokenizer.decode(whole) == "<s>" + text + EOS
     assert dataset.document_lengths.max() == 4 and report["split_documents"] == 1
+    assert report["split_extra_pieces"] == len(dataset) - 1
 
 
 def test_sft_spans_exact(run_prepare, gpt2):

@@ -198,6 +198,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             "dropped_examples": dict(sorted(first_rows.items())),
             "truncated_pairs": counters.truncated_pairs,
             "split_documents": counters.split_documents,
+            "split_extra_pieces": counters.extra_pieces,
             "ignored_loss_masking_spans": len(counters.ignored_span_rows),
             "ignored_loss_masking_spans_rows": counters.ignored_span_rows[:FIRST_ROWS_KEPT],
             "seconds": round(time.perf_counter() - started, 3),
