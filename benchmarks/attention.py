@@ -1,4 +1,5 @@
-"""Forward + backward time of the decoder on packed rows, per attention backend (dense mask vs per-document blocks).
+"""Forward + backward time on packed rows per attention backend (dense mask vs per-document blocks): the whole
+decoder, and the attention op of one layer alone (random q/k/v, the same batch and mask).
 
 Rows of `--row-length` slots are filled with documents of random length around `--document-length`; with
 `--pairs` every other document is a shared-prompt preference pair (so its block carries a mask).
@@ -15,6 +16,9 @@ import torch
 
 from unitrain.data.batch import SEGMENT_CHOSEN, SEGMENT_PLAIN, SEGMENT_PROMPT, SEGMENT_REJECTED, PackedBatch
 from unitrain.model import ModelConfig, build_model
+from unitrain.model.attention import build_attention
+
+BACKENDS = ("dense", "blocks")
 
 
 def packed_batch(rows: int, row_length: int, document_length: int, pairs: bool, vocab: int) -> PackedBatch:
@@ -65,17 +69,26 @@ def main() -> None:
         f"rows={args.rows} row_length={args.row_length} documents~{args.document_length} pairs={args.pairs}"
     )
     print(f"width={args.width} layers={args.layers} heads={args.heads} threads={torch.get_num_threads()}")
-    print("| backend | forward+backward ms | tokens/s |")
-    print("|---|---:|---:|")
-    for backend in ("dense", "blocks"):
-        model.attention_backend = backend
-        timings = []
-        for _ in range(args.repeats + 1):
+    heads, head_dim = args.heads, args.width // args.heads
+    qkv = [torch.randn(args.rows, args.row_length, heads, head_dim, requires_grad=True) for _ in range(3)]
+    timings: dict[str, dict[str, list[float]]] = {b: {"model": [], "attention": []} for b in BACKENDS}
+    for repeat in range(args.repeats + 1):  # backends interleaved so background load hits both alike
+        for backend in BACKENDS:
+            model.attention_backend = backend
             start = time.perf_counter()
             model.hidden_states(batch).square().mean().backward()
-            timings.append(time.perf_counter() - start)
-        best = min(timings[1:])  # the first run warms up allocators and kernels
-        print(f"| {backend} | {best * 1000:.0f} | {batch.num_tokens / best:.0f} |")
+            middle = time.perf_counter()
+            build_attention(batch, backend)(*qkv).square().mean().backward()
+            if repeat:  # the first round warms up allocators and kernels
+                timings[backend]["model"].append(middle - start)
+                timings[backend]["attention"].append(time.perf_counter() - middle)
+    print("| backend | model fwd+bwd ms | model tokens/s | attention op fwd+bwd ms (one layer) |")
+    print("|---|---:|---:|---:|")
+    for backend, times in timings.items():
+        model_s, attention_s = min(times["model"]), min(times["attention"])
+        print(
+            f"| {backend} | {model_s * 1000:.0f} | {batch.num_tokens / model_s:.0f} | {attention_s * 1000:.0f} |"
+        )
 
 
 if __name__ == "__main__":
