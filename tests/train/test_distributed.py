@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (gloo, DDP) == 1 process with the same global batch: per-step losses, weights."""
+"""torchrun with 2 CPU processes (gloo; DDP and FSDP2) == 1 process with the same global batch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,39 +15,45 @@ from unitrain.config import config_to_yaml
 from unitrain.train.checkpoint import latest_checkpoint
 from unitrain.train.metrics import read_metrics
 
+SECTIONS = {"train": {"max_steps": 4}, "run": {"eval_every": 2}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-def test_two_gloo_ranks_match_one_process(preference_data, tmp_path, tiny_config):
-    sections = {"train": {"max_steps": 4}, "run": {"eval_every": 2}}
-    two = tiny_config(
-        "dpo",
-        preference_data,
-        tmp_path / "two",
-        batch={"micro_batch_size": 1, "gradient_accumulation_steps": 2},
-        **sections,
-    )
-    one = tiny_config(
-        "dpo",
-        preference_data,
-        tmp_path / "one",
-        batch={"micro_batch_size": 1, "gradient_accumulation_steps": 4},
-        **sections,
-    )
-    for name, config in (("two", two), ("one", one)):
-        (tmp_path / f"{name}.yaml").write_text(config_to_yaml(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    subprocess.run(
-        [*launch, "-m", "unitrain", "train", str(tmp_path / "two.yaml")], env=env, check=True, timeout=300
-    )
-    subprocess.run(
-        [sys.executable, "-m", "unitrain", "train", str(tmp_path / "one.yaml")],
-        env=env,
-        check=True,
-        timeout=300,
-    )
 
-    rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
-    rows_one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+def launch(config_path, processes: int) -> None:
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+    ]
+    command = [*torchrun, "-m", "unitrain"] if processes > 1 else [sys.executable, "-m", "unitrain"]
+    subprocess.run([*command, "train", str(config_path)], env=ENV, check=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process(preference_data, tmp_path_factory, tiny_config):
+    """The reference run: one process, 4 micro-batches of 1 row per step."""
+    root = tmp_path_factory.mktemp("one")
+    batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 4}
+    (root / "run.yaml").write_text(
+        config_to_yaml(tiny_config("dpo", preference_data, root, batch=batch, **SECTIONS))
+    )
+    launch(root / "run.yaml", 1)
+    return root
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_ranks_match_one_process(fsdp, one_process, preference_data, tmp_path, tiny_config):
+    """2 ranks x 2 micro-batches of 1 row: the same rows per step as the one-process run."""
+    batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 2}
+    config = tiny_config("dpo", preference_data, tmp_path, batch=batch, parallel={"fsdp": fsdp}, **SECTIONS)
+    (tmp_path / "run.yaml").write_text(config_to_yaml(config))
+    launch(tmp_path / "run.yaml", 2)
+
+    rows_two = read_metrics(tmp_path / "metrics.jsonl")
+    rows_one = read_metrics(one_process / "metrics.jsonl")
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
     for key in (
         "loss",
@@ -60,6 +67,6 @@ def test_two_gloo_ranks_match_one_process(preference_data, tmp_path, tiny_config
         want = [r[key] for r in rows_one if key in r]
         assert len(got) == len(want) > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
-    weights_two = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
-    for name, tensor in load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors")).items():
+    weights_two = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
+    for name, tensor in load_file(str(latest_checkpoint(one_process) / "model.safetensors")).items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal num
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 
 HELP = "train a model (pretraining, SFT or DPO) from a YAML config"
@@ -28,13 +29,15 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 prints
     if result.stopped_by is not None:
+        if reports:
+            print(
+                f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved, resume with --resume"
+            )
+        return 128 + int(getattr(signal.Signals, result.stopped_by, signal.SIGTERM))
+    if reports:
         print(
-            f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved, continue with --resume"
+            f"done: {result.steps} steps ({result.skipped_steps} skipped); export in {result.output_dir / 'hf'}"
         )
-        number = getattr(signal.Signals, result.stopped_by, signal.SIGTERM)
-        return 128 + int(number)
-    print(
-        f"done: {result.steps} steps ({result.skipped_steps} skipped); Hugging Face export in {result.output_dir / 'hf'}"
-    )
     return 0

@@ -171,12 +171,13 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------
     def _sync_context(self, sync: bool):
-        if sync or not self.context.is_distributed:
+        """Gradients are reduced across ranks only in the backward of the step's last micro-batch."""
+        if not self.context.is_distributed:
             return contextlib.nullcontext()
         if self.config.parallel.fsdp:
-            self.wrapped.set_requires_gradient_sync(False)
+            self.wrapped.set_requires_gradient_sync(sync)
             return contextlib.nullcontext()
-        return self.wrapped.no_sync()
+        return contextlib.nullcontext() if sync else self.wrapped.no_sync()
 
     def _batch_loss(
         self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
@@ -233,8 +234,6 @@ class Trainer:
             totals["loss"] = totals["loss"] + loss_sum.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
-        if self.config.parallel.fsdp and self.context.is_distributed:
-            self.wrapped.set_requires_gradient_sync(True)
         totals["stop"] = float(self._stop_signal is not None)
         reduced = reduce_sums(totals, self.context)
         grad_norm = self._clip_gradients()
@@ -251,6 +250,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "learning_rate": lr,
             "tokens_per_second": reduced["tokens"] / elapsed,
+            "step_seconds": elapsed,
             "padding_fraction": 1.0 - reduced["tokens"] / max(reduced["slots"], 1),
             "epoch": self.data.stream.epoch,
         }
