@@ -88,7 +88,7 @@ def _make_batch(rows: list[list[tuple[list[int], str]]], row_length: int | None 
     return PackedBatch(input_ids, position_ids, document_id, segment, empty, empty, empty, empty, empty)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_hf_model():
     return _random_hf_model
 

@@ -104,16 +104,18 @@ def _tiny_model(**overrides):
 
 def test_gradient_checkpointing_gives_same_values_and_gradients(make_batch):
     batch = _batch(make_batch)
+    # a random projection: mean(hidden ** 2) would be constant after the final RMSNorm, its gradient pure noise
+    projection = torch.randn(batch.num_rows, batch.row_length, 32, generator=torch.Generator().manual_seed(5))
     results = []
     for checkpointing in (False, True):
         model = _tiny_model()
         model.gradient_checkpointing = checkpointing
         hidden = model.hidden_states(batch)  # (R, T, D)
-        hidden.square().mean().backward()
+        (hidden * projection).sum().backward()
         results.append((hidden.detach(), [p.grad for p in model.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)
     for with_checkpoint, without in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(with_checkpoint, without, atol=1e-6, rtol=0)
+        torch.testing.assert_close(with_checkpoint, without, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_autocast_is_close_to_fp32(make_batch):

@@ -38,17 +38,22 @@ def _model_and_batch(make_batch, dtype):
 def test_flex_equals_sdpa_mask(make_batch, dtype, tolerance):
     model, batch = _model_and_batch(make_batch, dtype)
     real = batch.document_id >= 0
+    # a random projection: mean(hidden ** 2) would be constant after the final RMSNorm, its gradient pure noise
+    projection = torch.randn(
+        int(real.sum()), 64, device="cuda", generator=torch.Generator("cuda").manual_seed(2)
+    )
     results = {}
     for backend in ("dense", "blocks", "flex"):
         model.zero_grad()
         model.attention_backend = backend
         hidden = model.hidden_states(batch)  # (R, T, D)
-        hidden[real].float().square().mean().backward()
+        (hidden[real].float() * projection).sum().backward()
         results[backend] = (hidden[real].float(), model.layers[0].attention.qkv.weight.grad.float())
     assert build_attention(batch, "auto").backend == "flex"
     for backend in ("blocks", "flex"):
-        torch.testing.assert_close(results[backend][0], results["dense"][0], atol=tolerance, rtol=tolerance)
-        torch.testing.assert_close(results[backend][1], results["dense"][1], atol=tolerance, rtol=tolerance)
+        for actual, expected in zip(results[backend], results["dense"]):
+            relative_error = (actual - expected).norm() / expected.norm()
+            assert relative_error < tolerance, (backend, float(relative_error))
 
 
 def test_chunked_logprobs_on_gpu():

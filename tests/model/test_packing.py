@@ -19,9 +19,10 @@ LAYOUT = [
 ]
 
 
-@pytest.fixture(params=["llama", "mistral-window", "qwen3"])
-def models(request, random_hf_model, tmp_path):
+@pytest.fixture(scope="module", params=["llama", "mistral-window", "qwen3"])
+def models(request, random_hf_model, tmp_path_factory):
     reference = random_hf_model(request.param)
+    tmp_path = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(tmp_path)
     return from_pretrained(tmp_path).eval(), reference
 
