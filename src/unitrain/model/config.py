@@ -44,9 +44,7 @@ class ModelConfig:
     output_bias: bool = False  # bias on the attention output projection (Llama/Qwen3 `attention_bias`)
     mlp_bias: bool = False  # bias on the SwiGLU projections (Llama `mlp_bias`)
     qk_norm: bool = False  # RMSNorm over each query/key head before RoPE (Qwen3)
-    sliding_window: int | None = (
-        None  # attend to at most this many positions back (Mistral); None = unlimited
-    )
+    sliding_window: int | None = None  # Mistral: attend at most this many positions back; None = unlimited
     bos_token_id: int | None = None  # written back to config.json on export
     eos_token_id: int | list[int] | None = None  # written back to config.json on export
     pad_token_id: int | None = None  # written back to config.json on export
@@ -58,14 +56,15 @@ class ModelConfig:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_heads, 1)
-        for name in (
+        positive = (
             "vocab_size",
             "hidden_size",
             "intermediate_size",
             "num_layers",
             "num_heads",
             "num_kv_heads",
-        ):
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise UnitrainError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
