@@ -98,3 +98,15 @@ def test_sigkill_mid_save_resumes_from_previous(tmp_path):
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step-00000003"
     torch.testing.assert_close(ckpt.load_checkpoint(latest)["model_state"]["w"], torch.ones(2, 3))
+
+
+def test_export_and_plot_refuse_a_directory_without_a_run(tmp_path, capsys):
+    from unitrain.cli import main
+
+    assert main(["export", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert main(["plot", str(tmp_path)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        f"error: {tmp_path}: neither a checkpoint nor a run directory with checkpoints",
+        f"error: {tmp_path / 'metrics.jsonl'}: no metrics to plot",
+    ]

@@ -146,3 +146,11 @@ def test_configuration_doc_is_up_to_date():
         "run.keep_last",
     ):
         assert f"`{key}`" in committed
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    from unitrain.cli import main
+
+    path = write(tmp_path, base())
+    assert main(["train", str(path), "dpo.beta=0.2"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: dpo settings are given but objective is sft\n"

@@ -51,19 +51,18 @@ def hh_slice(hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factory):
     return root
 
 
-def run_cli(tmp_path, tiny_config, objective, data, steps, **sections):
+def run_cli(tmp_path, tiny_config, objective, data, steps, sequence_length=512):
     config = tiny_config(
         objective,
         data,
         tmp_path / objective,
         model={"config": TINY_MODEL},
         data={"train": str(data), "validation": None},
-        packing={"sequence_length": 512},
+        packing={"sequence_length": sequence_length},
         batch={"micro_batch_size": 1, "gradient_accumulation_steps": 1},
         optimizer={"lr": 1e-2, "weight_decay": 0.0},
         schedule={"kind": "constant", "warmup_steps": 2},
         train={"max_steps": steps},
-        **sections,
     )
     path = tmp_path / f"{objective}.yaml"
     path.write_text(config_to_yaml(config))
@@ -119,6 +118,6 @@ def test_dpo_on_hh_rlhf_learns_then_exports_and_plots(hh_slice, tmp_path, tiny_c
 
 @pytest.mark.parametrize("objective, data", [("sft", "pairs"), ("pretrain", "text")])
 def test_sft_and_pretraining_on_hh_rlhf_lower_the_loss(objective, data, hh_slice, tmp_path, tiny_config):
-    rows = run_cli(tmp_path, tiny_config, objective, hh_slice / data, steps=15)
+    rows = run_cli(tmp_path, tiny_config, objective, hh_slice / data, steps=15, sequence_length=256)
     losses = [row["loss"] for row in rows if "loss" in row]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5

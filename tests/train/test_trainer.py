@@ -155,3 +155,26 @@ def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_p
     # SFT on a preference dataset trains on prompt + chosen
     result = train(tiny_config("sft", preference_data, tmp_path / "sft-pref", train={"max_steps": 2}))
     assert result.steps == 2
+
+
+def test_epochs_become_steps_and_blends_train(pretrain_data, sft_data, tmp_path, tiny_config):
+    from unitrain.data.packing import plan_rows
+
+    dataset = GPTMemmapDataset(pretrain_data)
+    train_indices, _ = split_indices(len(dataset), 0.125, seed=0)
+    rows = len(
+        plan_rows(
+            dataset, train_indices, objective="pretrain", mode="packed", share_prompt=True, sequence_length=64
+        ).rows
+    )
+    config = tiny_config(
+        "pretrain", pretrain_data, tmp_path / "epochs", train={"max_steps": None, "epochs": 2}
+    )
+    assert train(config).steps == -(-2 * rows // 4)  # 4 rows per step (2 micro-batches of 2)
+
+    blend = [{"path": str(pretrain_data), "weight": 3.0}, {"path": str(sft_data), "weight": 1.0}]
+    config = tiny_config(
+        "pretrain", pretrain_data, tmp_path / "blend", data={"train": blend}, train={"max_steps": 3}
+    )
+    result = train(config)
+    assert result.steps == 3 and np.isfinite(result.last_metrics["eval/loss"])

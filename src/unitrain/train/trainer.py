@@ -105,7 +105,10 @@ class Trainer:
         self.autocast = torch.autocast(
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
-        self._stop_signal: str | None = None
+        self._signal: str | None = None  # set by the handler on this rank
+        self._stopping = (
+            False  # agreed by all ranks in the step's reduction, so they all save and stop together
+        )
 
     def _make_reference(self):
         """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
@@ -234,12 +237,11 @@ class Trainer:
             totals["loss"] = totals["loss"] + loss_sum.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
-        totals["stop"] = float(self._stop_signal is not None)
+        totals["stop"] = float(self._signal is not None)
         reduced = reduce_sums(totals, self.context)
         grad_norm = self._clip_gradients()
         elapsed = time.perf_counter() - started
-        if reduced["stop"] > 0 and self._stop_signal is None:
-            self._stop_signal = "signal on another rank"
+        self._stopping = reduced["stop"] > 0
         if not (math.isfinite(reduced["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -295,8 +297,13 @@ class Trainer:
         }
 
     # -- the loop -------------------------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        """All ranks agreed in the last reduction; a single process stops as soon as its handler ran."""
+        return self._stopping or (not self.context.is_distributed and self._signal is not None)
+
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
+        self._signal = signal.Signals(signum).name
 
     def fit(self) -> TrainResult:
         run = self.config.run
@@ -321,22 +328,22 @@ class Trainer:
                             f"stopping at step {self.step}: {consecutive_bad} steps in a row had a non-finite loss "
                             f"or gradient (lower optimizer.lr, set optimizer.grad_clip, or check the data)"
                         )
-                    continue
-                consecutive_bad = 0
-                self.step += 1
-                metrics["skipped_steps"] = self.skipped
-                last_metrics = metrics
-                progress.update(metrics)
-                if run.eval_every and self.step % run.eval_every == 0 and self.step < total:
-                    metrics.update(self.evaluate())
-                if self.step % run.log_every == 0 or self.step == total:
-                    writer.log(self.step, metrics)
-                if self._stop_signal is not None or (run.save_every and self.step % run.save_every == 0):
+                else:
+                    consecutive_bad = 0
+                    self.step += 1
+                    metrics["skipped_steps"] = self.skipped
+                    last_metrics = metrics
+                    progress.update(metrics)
+                    if run.eval_every and self.step % run.eval_every == 0 and self.step < total:
+                        metrics.update(self.evaluate())
+                    if self.step % run.log_every == 0 or self.step == total:
+                        writer.log(self.step, metrics)
+                if self.stop_requested or (metrics and run.save_every and self.step % run.save_every == 0):
                     self.save()
                     saved_at = self.step
-                if self._stop_signal is not None:
+                if self.stop_requested:
                     break
-            if self._stop_signal is None:
+            if not self.stop_requested:
                 final_eval = self.evaluate()
                 if final_eval:
                     writer.log(self.step, final_eval)
@@ -350,7 +357,8 @@ class Trainer:
                 signal.signal(sig, handler)
             progress.close()
             writer.close()
-        return TrainResult(self.step, self.skipped, self._stop_signal, self.output_dir, last_metrics)
+        stopped_by = (self._signal or "SIGTERM on another rank") if self.stop_requested else None
+        return TrainResult(self.step, self.skipped, stopped_by, self.output_dir, last_metrics)
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
