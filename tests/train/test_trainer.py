@@ -178,3 +178,21 @@ def test_epochs_become_steps_and_blends_train(pretrain_data, sft_data, tmp_path,
     )
     result = train(config)
     assert result.steps == 3 and np.isfinite(result.last_metrics["eval/loss"])
+
+
+def test_cached_reference_equals_model_reference(preference_data, tmp_path, tiny_config):
+    """The reference log-prob cache (keyed by pair index, here with a separate validation dataset) gives the
+    per-step and validation losses of running the frozen reference model alongside."""
+    sections = {
+        "data": {"train": str(preference_data), "validation": str(preference_data)},
+        "train": {"max_steps": 3},
+    }
+    runs = {}
+    for kind in ("model", "cached"):
+        config = tiny_config("dpo", preference_data, tmp_path / kind, dpo={"reference": kind}, **sections)
+        runs[kind] = train(config)
+    assert (tmp_path / "cached" / "reference-cache").is_dir()
+    np.testing.assert_allclose(step_losses(tmp_path / "cached"), step_losses(tmp_path / "model"), rtol=1e-6)
+    assert runs["cached"].last_metrics["eval/loss"] == pytest.approx(
+        runs["model"].last_metrics["eval/loss"], rel=1e-6
+    )
