@@ -168,7 +168,7 @@ class RunSection(Section):
     )
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     progress: bool = Field(
-        True, description="Show a progress bar (rank 0, when stderr is a terminal or forced)."
+        True, description="Show a tqdm progress bar (step, loss, reward accuracy, tokens/s, ETA) on rank 0."
     )
     tensorboard: bool = Field(
         True, description="Also log to TensorBoard when the `tensorboard` extra is installed."
