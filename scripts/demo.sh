@@ -23,9 +23,9 @@ unitrain inspect "$OUT/hh-rlhf" --count 2
 echo "== train: DPO of a tiny random Llama (configs/tiny-dpo.yaml)"
 unitrain train configs/tiny-dpo.yaml data.train="$OUT/hh-rlhf" run.output_dir="$OUT/run" "$@"
 
-echo "== score: the trained policy against its starting point, on the held-out pairs"
+echo "== score: the trained policy against its starting point, on the first 400 pairs"
 unitrain score --model "$OUT/run/hf" --reference "$OUT/run/initial" --data "$OUT/hh-rlhf" \
-    --output "$OUT/scores.jsonl"
+    --limit 400 --output "$OUT/scores.jsonl"
 
 echo "== plot: $OUT/run/curves.png"
 unitrain plot "$OUT/run"

@@ -103,3 +103,17 @@ def test_score_refuses_a_dataset_that_is_not_preference(tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "score needs a preference dataset" in capsys.readouterr().err
+
+
+def test_score_limit_scores_the_first_pairs_only(scored_setup, capsys):
+    root, samples, expected = scored_setup
+    output = root / "limited.jsonl"
+    argv = ["score", "--model", str(root / "policy"), "--data", str(root / "data"), "--limit", "3"]
+    assert main([*argv, "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    for row, (chosen, rejected) in zip(rows, expected["policy"]):
+        assert row["chosen_logp"] == pytest.approx(chosen, rel=1e-5)
+        assert row["rejected_logp"] == pytest.approx(rejected, rel=1e-5)
+    assert "scored 3 pairs" in capsys.readouterr().out
+    assert not list(root.glob(".*.partial")), "the partial output file must be renamed, not left behind"

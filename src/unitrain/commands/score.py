@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequence-length", type=int, help="row budget in tokens (default: 2048, raised to the longest pair)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    parser.add_argument("--limit", type=int, help="score only the first N pairs of the dataset")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
     )
@@ -52,23 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="JSON-lines file to write, one object per pair")
 
 
-def _score(model, dataset, packing: dict, batch_size: int, device) -> tuple[dict[int, tuple], int]:
+def _score(
+    model, dataset, indices: np.ndarray, packing: dict, batch_size: int, device, role: str
+) -> tuple[dict[int, tuple], int]:
     """Dataset index → (chosen logp, rejected logp, chosen tokens, rejected tokens); and the skipped count."""
+    from tqdm import tqdm
+
     from unitrain.data.packing import plan_rows
     from unitrain.data.sampling import iterate_batches
     from unitrain.train.reference import pair_logps_of
 
-    indices = np.arange(len(dataset))
-    skipped = plan_rows(dataset, indices, **packing).dropped
+    plan = plan_rows(dataset, indices, **packing)
+    batches = iterate_batches(dataset, indices, micro_batch_size=batch_size, **packing)
+    total = -(-len(plan.rows) // batch_size)
     rows = {}
     with torch.no_grad():
-        for batch in iterate_batches(dataset, indices, micro_batch_size=batch_size, **packing):
+        for batch in tqdm(batches, total=total, desc=f"scoring {role}", unit="batch", leave=False):
             sums, counts = pair_logps_of(model, batch.to(device))  # (P, 2) each
             for index, (chosen, rejected), (chosen_count, rejected_count) in zip(
                 batch.pair_index.tolist(), sums.float().cpu().tolist(), counts.cpu().tolist()
             ):
                 rows[index] = (chosen, rejected, chosen_count, rejected_count)
-    return rows, skipped
+    return rows, plan.dropped
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         raise UnitrainError(f"{args.data}: score needs a preference dataset, this one is {dataset.kind}")
     if args.batch_size < 1:
         raise UnitrainError(f"--batch-size must be at least 1, got {args.batch_size}")
-    longest = int(dataset.document_lengths.max()) if len(dataset) else 0
+    if args.limit is not None and args.limit < 1:
+        raise UnitrainError(f"--limit must be at least 1, got {args.limit}")
+    indices = np.arange(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
+    longest = int(dataset.document_lengths[indices].max()) if len(indices) else 0
     # a pair needs at most prompt + chosen + rejected + prompt slots; without --sequence-length every pair fits
     sequence_length = args.sequence_length or max(2048, 2 * longest)
     packing = dict(
@@ -92,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
         if path is None:
             continue
         model = from_pretrained(path, dtype=DTYPES[args.dtype], device=args.device).eval()
-        scored[role], skipped = _score(model, dataset, packing, args.batch_size, args.device)
+        scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, args.device, role)
         del model
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")  # renamed at the end: never a half-written output
     wins = 0
-    with output.open("w") as handle:
+    with partial.open("w") as handle:
         for index in sorted(scored["policy"]):
             chosen, rejected, chosen_count, rejected_count = scored["policy"][index]
             row = {
@@ -117,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 margin = reference_chosen - reference_rejected
             wins += chosen - rejected > margin
             handle.write(json.dumps(row) + "\n")
+    partial.replace(output)
     pairs = len(scored["policy"])
     against = "the reference's margin" if args.reference else "0"
     print(
