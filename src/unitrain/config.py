@@ -98,7 +98,15 @@ class DPOSection(Section):
         "sigmoid", description="Preference loss name, or a list of names combined with `loss_weights`."
     )
     loss_weights: list[float] | None = Field(None, description="One weight per loss in `loss` (a list).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative-DPO label smoothing.")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Label smoothing: conservative DPO (`sigmoid`, < 0.5), robust DPO's flip rate (`robust`, < 0.5), "
+        "EXO's ε (`exo_pair`, required > 0), conservative SimPO (`simpo`, < 0.5).",
+    )
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin γ (loss `simpo`).")
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature τ (loss `discopop`).")
     reference: Literal["model", "cached", "none"] = Field(
         "model",
         description="Reference log-probs: `model` (a frozen model run alongside), `cached` (computed once into "
@@ -106,6 +114,17 @@ class DPOSection(Section):
     )
     reference_model: str | None = Field(
         None, description="Checkpoint of the reference model; default: the starting policy."
+    )
+    reference_cache_dir: str | None = Field(
+        None,
+        description="Directory of the `cached` reference log-probs, keyed by the dataset fingerprints and the "
+        "reference weights' hash; point several runs at one directory to share it. Default: "
+        "`run.output_dir/reference-cache`.",
+    )
+    reference_on_mismatch: Literal["recompute", "error"] = Field(
+        "recompute",
+        description="When the cache's key does not match the data or the reference weights: `recompute` it "
+        "(saying why), or stop with an `error`.",
     )
 
     @model_validator(mode="after")
@@ -225,6 +244,8 @@ class TrainConfig(Section):
                 weights=self.dpo.loss_weights,
                 beta=self.dpo.beta,
                 label_smoothing=self.dpo.label_smoothing,
+                simpo_gamma=self.dpo.simpo_gamma,
+                discopop_tau=self.dpo.discopop_tau,
             )
         except ValueError as error:
             raise ValueError(f"dpo: {error}") from None

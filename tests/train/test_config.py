@@ -116,6 +116,18 @@ def test_dpo_loss_contradictions_come_from_the_loss_config():
     assert "\n" not in str(error.value)
 
 
+def test_dpo_loss_constants_reach_the_loss_config():
+    dpo = {"loss": ["exo_pair", "simpo", "discopop"], "loss_weights": [1.0, 0.5, 0.25]}
+    dpo.update(label_smoothing=0.3, simpo_gamma=1.5, discopop_tau=0.2)
+    loss_config = parse_config(base(objective="dpo", dpo=dpo), source="run.yaml").preference_loss_config()
+    assert (loss_config.losses, loss_config.weights) == (dpo["loss"], dpo["loss_weights"])
+    assert (loss_config.label_smoothing, loss_config.simpo_gamma, loss_config.discopop_tau) == (0.3, 1.5, 0.2)
+    # EXO's ε may reach 0.5 and beyond; only the losses that flip preferences there refuse it
+    parse_config(base(objective="dpo", dpo={"loss": "exo_pair", "label_smoothing": 0.7}), source="run.yaml")
+    with pytest.raises(UnitrainError, match="sigmoid needs 0 ≤ label_smoothing < 0.5"):
+        parse_config(base(objective="dpo", dpo={"label_smoothing": 0.7}), source="run.yaml")
+
+
 def test_bad_override_syntax_and_yaml(tmp_path):
     path = write(tmp_path, base())
     with pytest.raises(UnitrainError, match="expected key=value"):

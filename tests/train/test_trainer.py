@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from unitrain.config import parse_config
 from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.sampling import split_indices
 from unitrain.errors import UnitrainError
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint
 from unitrain.train.metrics import read_metrics
+
+from .conftest import tiny_raw
 
 
 def step_losses(output_dir) -> list[float]:
@@ -196,3 +199,23 @@ def test_cached_reference_equals_model_reference(preference_data, tmp_path, tiny
     assert runs["cached"].last_metrics["eval/loss"] == pytest.approx(
         runs["model"].last_metrics["eval/loss"], rel=1e-6
     )
+
+
+def test_reference_cache_dir_is_shared_between_runs(preference_data, tmp_path, tiny_config):
+    """Two runs pointed at one `dpo.reference_cache_dir` compute the reference log-probs once."""
+    from unitrain.train.reference import CACHE_FILE
+
+    cache = tmp_path / "shared-cache"
+    dpo = {"reference": "cached", "reference_cache_dir": str(cache), "reference_on_mismatch": "error"}
+    model_path = tmp_path / "start"
+    train(tiny_config("dpo", preference_data, model_path, train={"max_steps": 2}))
+    for name in ("first", "second"):
+        raw = tiny_raw("dpo", preference_data, tmp_path / name, dpo=dpo, train={"max_steps": 2})
+        raw["model"] = {"path": str(model_path / "hf")}
+        train(parse_config(raw))
+        if name == "first":
+            written = (cache / CACHE_FILE).stat().st_mtime_ns
+    assert (cache / CACHE_FILE).stat().st_mtime_ns == written, "the second run must reuse the cache"
+    assert not (tmp_path / "second" / "reference-cache").exists()
+    assert not (tmp_path / "second" / "initial").exists(), "a checkpoint start is not copied to initial/"
+    np.testing.assert_allclose(step_losses(tmp_path / "second"), step_losses(tmp_path / "first"), rtol=1e-6)

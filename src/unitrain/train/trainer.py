@@ -88,7 +88,8 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         if resume and self.resume_from is None and context.is_main:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
-        if self.resume_from is None and context.is_main:
+        if self.resume_from is None and config.model.path is None and context.is_main:
+            # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
             self._export_model(self.model, self.output_dir / "initial")
         barrier(context)  # the reference may load `initial`, written by rank 0
         self.reference = None
@@ -97,7 +98,8 @@ class Trainer:
             self.reference = self._make_reference()
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+        sharded = config.parallel.fsdp and context.is_distributed
+        self.optimizer = build_optimizer(self.model, config.optimizer, sharded=sharded)
         self.step = 0
         self.skipped = 0
         if self.resume_from is not None:
@@ -122,7 +124,8 @@ class Trainer:
             datasets=self.data.datasets,
             sequence_length=self.config.packing.sequence_length,
             micro_batch_size=self.config.batch.micro_batch_size,
-            cache_dir=self.output_dir / "reference-cache",
+            cache_dir=dpo.reference_cache_dir or self.output_dir / "reference-cache",
+            on_mismatch=dpo.reference_on_mismatch,
             device=self.context.device,
             dtype=torch.bfloat16 if bf16 else torch.float32,
         )
