@@ -85,6 +85,7 @@ def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dic
         betas=spec.adam_betas,
         eps=spec.adam_eps,
         weight_decay=spec.weight_decay,
+        fused=True,  # as unitrain's trainer; TRL gets its fused AdamW too (`adamw_torch_fused`)
     )
     model.train()
     rss_before_train = current_rss_mib()

@@ -52,7 +52,7 @@ def build_trainer(spec: Spec, variant: str):
         max_steps=spec.total_steps,
         learning_rate=spec.learning_rate,
         lr_scheduler_type="constant",
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
         adam_beta1=spec.adam_betas[0],
         adam_beta2=spec.adam_betas[1],
         adam_epsilon=spec.adam_eps,
