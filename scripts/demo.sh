@@ -29,3 +29,5 @@ unitrain score --model "$OUT/run/hf" --reference "$OUT/run/initial" --data "$OUT
 
 echo "== plot: $OUT/run/curves.png"
 unitrain plot "$OUT/run"
+
+echo "== done: dataset $OUT/hh-rlhf, run $OUT/run (metrics.jsonl, curves.png, hf/), scores $OUT/scores.jsonl"

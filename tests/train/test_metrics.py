@@ -44,3 +44,17 @@ def test_preference_metrics_are_per_pair_means():
     assert metrics["eval/rewards/margins"] == pytest.approx((chosen - rejected).mean().item())
     assert metrics["eval/rewards/chosen"] == pytest.approx(chosen.mean().item())
     assert metrics["eval/logps/rejected"] == pytest.approx(-11 / 3)
+
+
+def test_train_command_summarizes_final_validation_in_one_line():
+    from unitrain.commands.train import _validation_summary
+
+    metrics = {
+        "loss": 0.5,
+        "eval/loss": 0.64404,
+        "eval/rewards/accuracies": 0.6,
+        "eval/rewards/margins": -0.125,
+    }
+    assert _validation_summary(metrics) == "loss 0.6440, reward accuracy 0.6000, reward margin -0.1250"
+    assert _validation_summary({"eval/loss": 2.5}) == "loss 2.5000"
+    assert _validation_summary({"loss": 0.5}) == ""

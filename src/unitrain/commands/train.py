@@ -40,4 +40,19 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"done: {result.steps} steps ({result.skipped_steps} skipped); export in {result.output_dir / 'hf'}"
         )
+        summary = _validation_summary(result.last_metrics)
+        if summary:
+            print(f"validation: {summary}")
     return 0
+
+
+SUMMARY_KEYS = (
+    ("eval/loss", "loss"),
+    ("eval/rewards/accuracies", "reward accuracy"),
+    ("eval/rewards/margins", "reward margin"),
+)
+
+
+def _validation_summary(metrics: dict[str, float]) -> str:
+    """The final validation metrics as one line, e.g. `loss 0.6440, reward accuracy 0.6444`."""
+    return ", ".join(f"{label} {metrics[key]:.4f}" for key, label in SUMMARY_KEYS if key in metrics)
