@@ -176,3 +176,19 @@ def test_dataset_without_span_sections_reads_as_pretraining(tmp_path):
     (tmp_path / "ds" / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(UnitrainError, match="do not match kind"):
         GPTMemmapDataset(tmp_path / "ds")
+
+
+def test_prepare_and_inspect_do_not_import_torch():
+    """torch's import alone takes seconds; the data commands never need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, unitrain.cli, unitrain.commands.prepare, unitrain.commands.inspect, unitrain.data.prepare, "
+        "unitrain.data.memmap; from unitrain.data import GPTSample, GPTMemmapDataset; "
+        "print('torch' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )

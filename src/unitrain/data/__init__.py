@@ -1,15 +1,16 @@
 """Data side: GPTSample, the memmap token format, prepare, sampling and packing into PackedBatch."""
 
-from unitrain.data.batch import PackedBatch
 from unitrain.data.sample import GPTSample
 
 __all__ = ["GPTSample", "PackedBatch", "GPTMemmapDataset", "write_dataset"]
 
+# Imported on first use: `prepare` and `inspect` never touch torch, whose import alone takes seconds.
+_LAZY = {"PackedBatch": "batch", "GPTMemmapDataset": "memmap", "write_dataset": "memmap"}
+
 
 def __getattr__(name: str):
-    # Imported on first use, so `import unitrain.data` stays cheap for code that never opens a dataset.
-    if name in ("GPTMemmapDataset", "write_dataset"):
-        from unitrain.data import memmap
+    if name in _LAZY:
+        import importlib
 
-        return getattr(memmap, name)
+        return getattr(importlib.import_module(f"unitrain.data.{_LAZY[name]}"), name)
     raise AttributeError(name)
