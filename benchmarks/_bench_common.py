@@ -12,7 +12,7 @@ import json
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -105,6 +105,16 @@ class Spec:
         raw["shape"] = ModelShape(**raw["shape"])
         raw["adam_betas"] = tuple(raw["adam_betas"])
         return cls(**raw)
+
+    @classmethod
+    def start_worker(cls, path: str | Path, variant: str) -> Spec:
+        """Load the spec in a trainer process and seed it; the gate checks the arithmetic in fp32 on any device."""
+        spec = cls.load(path)
+        if variant == "gate":
+            spec = replace(spec, dtype="float32")
+        torch.set_num_threads(spec.threads)
+        torch.manual_seed(spec.seed)
+        return spec
 
 
 def split_explicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:

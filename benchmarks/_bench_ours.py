@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -180,13 +179,7 @@ def run_gate(spec: Spec) -> dict:
 
 def main(argv: list[str]) -> int:
     spec_path, variant, mode, share_prompt, out_path = argv
-    spec = Spec.load(spec_path)
-    if variant == "gate":
-        spec = replace(
-            spec, dtype="float32"
-        )  # the gate checks the arithmetic, at full precision on any device
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
+    spec = Spec.start_worker(spec_path, variant)
     if variant == "gate":
         result = run_gate(spec)
     else:

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -244,13 +243,7 @@ def run_gate(spec: Spec) -> dict:
 
 def main(argv: list[str]) -> int:
     spec_path, variant, out_path = argv
-    spec = Spec.load(spec_path)
-    if variant == "gate":
-        spec = replace(
-            spec, dtype="float32"
-        )  # the gate checks the arithmetic, at full precision on any device
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
+    spec = Spec.start_worker(spec_path, variant)
     # A fresh datasets cache per process: TRL must really precompute, never reuse an earlier worker's file.
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="trl-cache-", dir=spec.workdir)
     result = run_gate(spec) if variant == "gate" else run_training(spec, variant)
