@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 
@@ -94,6 +95,28 @@ def test_interrupted_write_leaves_nothing(tmp_path):
                 writer.add(sample)
             raise RuntimeError("killed mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_killed_by_sigkill_is_cleaned_up_by_the_next_write(tmp_path):
+    """A SIGKILL leaves `.ds.tmp-PID` behind; the next write to the same target removes it (its process is gone)
+    and leaves a live process's temporary directory alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys; from unitrain.data.memmap import DatasetWriter; "
+        "w = DatasetWriter(sys.argv[1], 'pretraining', vocab_size=100, eos_id=0); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds")])
+    assert killed.returncode == -9
+    (stale,) = tmp_path.glob(".ds.tmp-*")
+    live = tmp_path / f".ds.tmp-{os.getppid()}"  # the test runner's parent: alive
+    live.mkdir()
+    write_dataset(tmp_path / "ds", random_samples("pretraining", 3, 100), "pretraining", vocab_size=100)
+    assert not stale.exists()
+    assert live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name])
 
 
 @pytest.fixture

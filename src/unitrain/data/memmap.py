@@ -119,6 +119,20 @@ class _ShardWriter:
         }
 
 
+def _remove_stale_temps(output: Path) -> None:
+    """Delete temporary directories of earlier writes to `output` whose process is gone (killed mid-write)."""
+    for temp in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = temp.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(temp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by another user
+
+
 class DatasetWriter:
     """Writes a dataset into `<output>.tmp-<pid>` beside the target and renames it into place on `close()`.
 
@@ -151,6 +165,7 @@ class DatasetWriter:
         self.overwrite = overwrite
         self.dtype_code = token_dtype_code(self.vocab_size)
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.output)
         self.temp = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.temp, ignore_errors=True)
         self.temp.mkdir()
