@@ -219,3 +219,35 @@ def test_reference_cache_dir_is_shared_between_runs(preference_data, tmp_path, t
     assert not (tmp_path / "second" / "reference-cache").exists()
     assert not (tmp_path / "second" / "initial").exists(), "a checkpoint start is not copied to initial/"
     np.testing.assert_allclose(step_losses(tmp_path / "second"), step_losses(tmp_path / "first"), rtol=1e-6)
+
+
+def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, tmp_path, tiny_config):
+    config = tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2})
+    train(config)
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(UnitrainError, match="already holds the checkpoints of a run .* pass --resume"):
+        train(config)
+    assert train(config, resume=True).steps == 2
+    for name, tensor in load_file(tmp_path / "hf" / "model.safetensors").items():
+        assert torch.equal(tensor, exported[name]), name
+
+
+def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
+    from unitrain.data.memmap import DatasetWriter
+    from unitrain.data.sample import GPTSample
+
+    for name, content in (("train", '{"model": "one"}'), ("validation", '{"model": "two"}')):
+        tokenizer = tmp_path / f"tokenizer-{name}" / "tokenizer.json"
+        tokenizer.parent.mkdir()
+        tokenizer.write_text(content)
+        with DatasetWriter(
+            tmp_path / name, "pretraining", vocab_size=50, eos_id=0, tokenizer_files=[tokenizer]
+        ) as writer:
+            for start in range(8):
+                writer.add(GPTSample(np.arange(start + 1, start + 20)))
+    sections = {"data": {"train": str(tmp_path / "train"), "validation": str(tmp_path / "validation")}}
+    config = tiny_config("pretrain", tmp_path / "train", tmp_path / "run", **sections)
+    with pytest.raises(
+        UnitrainError, match="validation was prepared with a different tokenizer than .*train"
+    ):
+        train(config)

@@ -137,7 +137,8 @@ class DatasetWriter:
     """Writes a dataset into `<output>.tmp-<pid>` beside the target and renames it into place on `close()`.
 
     Use as a context manager: an exception inside the block removes the temporary directory, so an interrupted
-    write leaves nothing that loads as a dataset. `tokenizer_files` are copied into `<output>/tokenizer/`.
+    write leaves nothing that loads as a dataset; a block that ends normally closes the dataset (if `close()`
+    was not called in it). `tokenizer_files` are copied into `<output>/tokenizer/`.
     """
 
     def __init__(
@@ -238,6 +239,8 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is not None:
             self.abort()
+        elif self.temp.exists():  # the block ended without close(): finish the dataset rather than lose it
+            self.close()
 
 
 def write_dataset(

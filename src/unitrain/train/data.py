@@ -57,6 +57,26 @@ def _open_dataset(path: str, key: str, objective: str):
     return dataset
 
 
+def _validation_paths(config: TrainConfig) -> list[str]:
+    return [config.data.validation] if isinstance(config.data.validation, str) else []
+
+
+def _check_same_tokenizer(datasets, paths: list[str]) -> None:
+    """Every dataset prepared with a tokenizer must have been prepared with the same one (same file hashes):
+    token ids of different tokenizers mean different things to one model."""
+    tokenized = [
+        (path, dataset.metadata.get("tokenizer", {}).get("files_sha256"))
+        for dataset, path in zip(datasets, paths)
+    ]
+    tokenized = [(path, hashes) for path, hashes in tokenized if hashes]
+    for path, hashes in tokenized[1:]:
+        if hashes != tokenized[0][1]:
+            raise UnitrainError(
+                f"{path} was prepared with a different tokenizer than {tokenized[0][0]} "
+                "(tokenizer file hashes differ in metadata.json); prepare both with the same tokenizer"
+            )
+
+
 def load_training_data(config: TrainConfig, context: DistContext) -> TrainingData:
     """Open and check the datasets, hold out validation, and build this rank's batch stream."""
     from unitrain.data.packing import plan_rows
@@ -82,6 +102,9 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         datasets.append(_open_dataset(config.data.validation, "data.validation", objective))
         validation.append((len(sources), np.arange(len(datasets[-1]))))
     first = sources[0][0]
+    _check_same_tokenizer(
+        datasets, [source.path for source in config.data.sources] + _validation_paths(config)
+    )
     stream = BatchStream(
         sources,
         **packing,
@@ -112,7 +135,7 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         total_steps,
         packing,
         config.batch.micro_batch_size,
-        max(int(d.vocab_size) for d, _, _ in sources),
+        max(int(dataset.vocab_size) for dataset in datasets),  # validation ids must fit the model too
         first.eos_id,
         first.tokenizer_path,
     )

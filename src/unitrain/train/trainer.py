@@ -83,9 +83,15 @@ class Trainer:
         self.config = config
         self.context = context
         self.output_dir = Path(config.run.output_dir)
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is not None and not resume:
+            raise UnitrainError(
+                f"{self.output_dir} already holds the checkpoints of a run (latest {latest.name}); pass --resume "
+                "to continue it, or choose another run.output_dir"
+            )
+        self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
         self.model = _load_policy(config, self.data).to(context.device)
-        self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         if resume and self.resume_from is None and context.is_main:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
         if self.resume_from is None and config.model.path is None and context.is_main:
@@ -347,14 +353,14 @@ class Trainer:
                 if self.stop_requested:
                     break
             if not self.stop_requested:
+                if saved_at != self.step:
+                    self.save()  # before the final evaluation: nothing trained is lost if it fails
+                if self.context.is_main:
+                    ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
                 final_eval = self.evaluate()
                 if final_eval:
                     writer.log(self.step, final_eval)
                     last_metrics = {**last_metrics, **final_eval}
-                if saved_at != self.step:
-                    self.save()
-                if self.context.is_main:
-                    ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
