@@ -90,3 +90,41 @@ def test_missing_chat_template_is_one_clear_error(run_prepare):
 
     with pytest.raises(UnitrainError, match="chat template"):
         run_prepare([{"messages": MESSAGES}])
+
+
+def test_text_prompt_beside_message_lists(run_prepare, gpt2, template_file, gpt2_tokenizer_path):
+    """UltraFeedback style (whole conversations + a copy of the first user turn as a string) and responses-only
+    lists with a string prompt both give the prompt of the conversation, rendered once."""
+    user = {"role": "user", "content": "2+2?"}
+    whole = {
+        "prompt": "2+2?",
+        "chosen": [user, {"role": "assistant", "content": "4"}],
+        "rejected": [user, {"role": "assistant", "content": "5"}],
+    }
+    responses_only = {
+        "prompt": "2+2?",
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    output, report = run_prepare(
+        [whole, responses_only], mode="conversation", chat_template=str(template_file)
+    )
+    assert report["documents"] == 2 and report["dropped"] == {}
+    dataset = GPTMemmapDataset(output)
+    for index in range(2):
+        sample = dataset[index]
+        assert gpt2.decode(sample.prompt_ids) == hf_render(gpt2_tokenizer_path, [user], True)
+        assert gpt2.decode(sample.chosen_ids) == "4<|im_end|>\n" + EOS
+        assert gpt2.decode(sample.rejected_ids) == "5<|im_end|>\n" + EOS
+
+
+def test_a_template_error_drops_the_row_not_the_run(run_prepare, tmp_path):
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + TEMPLATE
+    )
+    without_system = {"messages": MESSAGES[1:]}
+    _, report = run_prepare([{"messages": MESSAGES}, without_system], chat_template=str(strict))
+    assert report["documents"] == 1 and report["dropped"] == {"template_error": 1}
+    assert "System role not supported" in report["dropped_examples"]["template_error"][0]["message"]

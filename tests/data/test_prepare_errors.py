@@ -178,3 +178,13 @@ def test_other_input_formats(tmp_path, gpt2_tokenizer_path, fmt):
     dataset = GPTMemmapDataset(tmp_path / "out")
     assert report["documents"] == 2 and dataset.kind == "pretraining"
     assert dataset.document_lengths.tolist() == [3, 3]  # "first document" / "second one" + EOS
+
+
+def test_a_prepare_that_keeps_no_row_fails_and_writes_nothing(run_prepare, tmp_path):
+    from unitrain.errors import UnitrainError
+
+    rows = [{"chosen": "same text", "rejected": "same text"}, {"chosen": None, "rejected": "x"}]
+    with pytest.raises(UnitrainError, match=r"all 2 rows were dropped: .*identical_responses \(1\)"):
+        run_prepare(rows, mode="preference", output=str(tmp_path / "empty"))
+    assert not (tmp_path / "empty").exists()
+    assert not list(tmp_path.glob(".empty.tmp-*"))

@@ -190,6 +190,9 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
                 bar.close()
             if pool is not None:
                 pool.terminate()
+        if num_documents == 0:  # raised inside the writer: nothing that looks like a dataset is left behind
+            reasons = ", ".join(f"{reason} ({count})" for reason, count in dropped.most_common(3))
+            raise UnitrainError(f"{config.input}: all {num_rows} rows were dropped: {reasons}")
         report = {
             "rows": num_rows,
             "documents": num_documents,

@@ -259,9 +259,25 @@ def _messages(row: dict, key: str) -> list[dict]:
     return value
 
 
+def _row_render(render: Callable[..., str], field: str) -> Callable[..., str]:
+    """`render` whose template errors on this row's messages (e.g. a template that refuses system turns)
+    become a counted row error instead of ending the whole run."""
+
+    def safe_render(messages: list[dict], add_generation_prompt: bool) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return render(messages, add_generation_prompt=add_generation_prompt)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as error:
+            raise RowError("template_error", field, f"the chat template failed: {error}") from None
+
+    return safe_render
+
+
 def _conversation(
     row: dict, fields: dict[str, str], render: Callable[..., str]
 ) -> tuple[list[str], list[str]]:
+    render = _row_render(render, fields["messages"] if fields["messages"] in row else fields["chosen"])
     if fields["messages"] in row:
         messages = _messages(row, fields["messages"])
         if messages[-1]["role"] != "assistant" or not any(m["role"] == "assistant" for m in messages):
@@ -286,7 +302,14 @@ def _conversation(
         return segments, roles
     chosen = _messages(row, fields["chosen"])
     rejected = _messages(row, fields["rejected"])
-    if fields["prompt"] in row:
+    prompt = row.get(fields["prompt"])
+    if isinstance(prompt, str):
+        # A text prompt beside message lists: the user turn before responses-only lists, or a copy of the first
+        # user turn of whole conversations (as in UltraFeedback-style data), which then already hold it.
+        if chosen[0]["role"] == "assistant" or rejected[0]["role"] == "assistant":
+            user = [{"role": "user", "content": prompt}]
+            chosen, rejected = user + chosen, user + rejected
+    elif fields["prompt"] in row:
         prompt = _messages(row, fields["prompt"])
         chosen, rejected = prompt + chosen, prompt + rejected
     shared = 0
