@@ -109,6 +109,16 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     torch.testing.assert_close(
         fresh.pair_logps(batch), expected_logps(changed, second, batch), rtol=1e-5, atol=1e-4
     )
+    with pytest.raises(UnitrainError, match="computed in float32, this run's reference runs in bfloat16"):
+        make_reference(
+            "cached",
+            model_path=tmp_path / "ref",
+            datasets=[second],
+            cache_dir=tmp_path / "cache",
+            on_mismatch="error",
+            dtype=torch.bfloat16,
+        )
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [CACHE_FILE]  # no partial left
 
 
 def test_cache_covers_several_datasets_with_blended_and_local_indices(tmp_path, memmap_pairs):

@@ -128,6 +128,7 @@ def make_reference(
     key = {
         "fingerprints": [str(dataset.fingerprint) for dataset in datasets],
         "weights": weights_hash(model_path),
+        "dtype": str(dtype).removeprefix("torch."),  # bf16 and fp32 log-probs differ: never mixed silently
     }
     tables, reason = _read_cache(path, key)
     if tables is not None:
@@ -183,6 +184,8 @@ def _read_cache(path: Path, key: dict) -> tuple[list[np.ndarray] | None, str | N
         return None, f"unreadable ({error})"
     if cached["weights"] != key["weights"]:
         return None, f"reference weights changed (cached {cached['weights'][:12]}, now {key['weights'][:12]})"
+    if cached.get("dtype") != key["dtype"]:
+        return None, f"computed in {cached.get('dtype')}, this run's reference runs in {key['dtype']}"
     if len(cached["fingerprints"]) != len(key["fingerprints"]):
         return None, f"{len(cached['fingerprints'])} datasets cached, {len(key['fingerprints'])} given"
     for position, (old, new) in enumerate(zip(cached["fingerprints"], key["fingerprints"])):
@@ -195,7 +198,7 @@ def _write_cache(path: Path, key: dict, tables: list[np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # ranks writing at once never collide
     tensors = {f"logps.{k}": np.ascontiguousarray(table) for k, table in enumerate(tables)}
     save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "key": json.dumps(key)})
     os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind
