@@ -109,3 +109,28 @@ def test_parameter_count_and_flops_match_transformers(random_hf_model):
 def _save(model, path):
     model.save_pretrained(path)
     return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs low_freq_factor, high_freq_factor"),
+        ({"rope_scaling": {"type": "linear"}}, "rope_scaling of type linear needs factor"),
+        ({"hidden_size": "abc"}, "wrong type"),
+        ({"rms_norm_eps": None}, "wrong type"),
+        ({"head_dim": 0}, "head_dim must be positive"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors(changes, message):
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        **changes,
+    }
+    with pytest.raises(UnitrainError, match=message) as error:
+        ModelConfig.from_hf(hf, source="run/config.json")
+    assert str(error.value).startswith("run/config.json: ") and "\n" not in str(error.value)

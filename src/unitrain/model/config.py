@@ -21,6 +21,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -79,14 +83,22 @@ class ModelConfig:
                 f"model config: num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
-        if self.head_dim % 2:
-            raise UnitrainError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise UnitrainError(
+                f"model config: head_dim must be positive and even for RoPE, got {self.head_dim}"
+            )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UnitrainError(
                     f"model config: rope_type {rope_type!r} is not supported; "
                     f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+            required = ROPE_SCALING_KEYS.get(rope_type, ())
+            missing = [key for key in required if key not in self.rope_scaling]
+            if missing:
+                raise UnitrainError(
+                    f"model config: rope_scaling of type {rope_type} needs {', '.join(missing)}"
                 )
             if rope_type == "default":
                 self.rope_scaling = None
@@ -171,6 +183,8 @@ class ModelConfig:
             )
         except UnitrainError as error:
             raise UnitrainError(f"{source}: {str(error).removeprefix('model config: ')}") from None
+        except (TypeError, ValueError) as error:  # e.g. hidden_size: "abc", rms_norm_eps: null
+            raise UnitrainError(f"{source}: a field has a value of the wrong type ({error})") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that `transformers` (4.46+ and 5.x) loads as the same model."""
