@@ -5,11 +5,13 @@ from __future__ import annotations
 import signal
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from unitrain.cli import main
 from unitrain.config import config_to_yaml
+from unitrain.errors import UnitrainError
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint, list_checkpoints
 from unitrain.train.metrics import read_metrics
@@ -63,3 +65,11 @@ def test_resume_without_checkpoint_starts_fresh(pretrain_data, tmp_path, tiny_co
     result = train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}), resume=True)
     assert result.steps == 2
     assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_resume_with_another_architecture_is_one_clear_error(pretrain_data, tmp_path, tiny_config):
+    train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}))
+    model = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    wider = tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 4}, model={"config": model})
+    with pytest.raises(UnitrainError, match="cannot resume from .*step-00000002.* differs .* in head_dim, hidden_size"):
+        train(wider, resume=True)

@@ -11,6 +11,7 @@ stream knows in advance on every rank (it plans the whole step), so no extra com
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -172,6 +173,17 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
+        current = json.loads(json.dumps(self.model.config.to_hf()))  # as stored: tuples become lists
+        changed = sorted(
+            key
+            for key in set(current) | set(state["model_config"])
+            if current.get(key) != state["model_config"].get(key)
+        )
+        if changed:
+            raise UnitrainError(
+                f"cannot resume from {path}: the model differs from the checkpoint's in {', '.join(changed)} "
+                "(resume with the run's original model settings)"
+            )
         sharded = self.config.parallel.fsdp and self.context.is_distributed
         ckpt.restore_states(
             self.wrapped, self.model, self.optimizer, sharded, state["model_state"], state["optimizer_state"]
