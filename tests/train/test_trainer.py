@@ -251,3 +251,15 @@ def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
         UnitrainError, match="validation was prepared with a different tokenizer than .*train"
     ):
         train(config)
+
+
+def test_pairs_longer_than_a_row_are_reported(preference_data, tmp_path, tiny_config, capsys):
+    dataset = GPTMemmapDataset(preference_data)
+    train_indices, _ = split_indices(len(dataset), 0.125, seed=0)
+    too_long = int((dataset.document_lengths[train_indices] > 16).sum())
+    assert too_long > 0
+    train(
+        tiny_config("dpo", preference_data, tmp_path, packing={"sequence_length": 16}, train={"max_steps": 2})
+    )
+    output = capsys.readouterr().out
+    assert f"; {too_long} pairs of this epoch are longer than packing.sequence_length=16" in output

@@ -92,6 +92,7 @@ class Trainer:
             )
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
+        self._report_packing()
         self.model = _load_policy(config, self.data).to(context.device)
         if resume and self.resume_from is None and context.is_main:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
@@ -118,6 +119,20 @@ class Trainer:
         self._stopping = (
             False  # agreed by all ranks in the step's reduction, so they all save and stop together
         )
+
+    def _report_packing(self) -> None:
+        """Say how full the rows are and how many documents/pairs do not fit a row (they are never trained on)."""
+        stream = self.data.stream
+        if not self.context.is_main:
+            return
+        unit = "pairs" if self.config.objective == "dpo" else "documents"
+        line = f"packing: {stream.efficiency:.1%} of row slots hold tokens"
+        if stream.dropped:
+            line += (
+                f"; {stream.dropped} {unit} of this epoch are longer than packing.sequence_length="
+                f"{self.config.packing.sequence_length} and are skipped (prepare with --max-length to truncate them)"
+            )
+        print(line)
 
     def _make_reference(self):
         """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
