@@ -71,5 +71,7 @@ def test_resume_with_another_architecture_is_one_clear_error(pretrain_data, tmp_
     train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}))
     model = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     wider = tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 4}, model={"config": model})
-    with pytest.raises(UnitrainError, match="cannot resume from .*step-00000002.* differs .* in head_dim, hidden_size"):
+    with pytest.raises(
+        UnitrainError, match="cannot resume from .*step-00000002.* differs .* in head_dim, hidden_size"
+    ):
         train(wider, resume=True)
