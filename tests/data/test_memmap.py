@@ -215,3 +215,14 @@ def test_prepare_and_inspect_do_not_import_torch():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         == "False\n"
     )
+
+
+def test_writer_refuses_negative_ids_and_accepts_an_empty_span_list(tmp_path):
+    with pytest.raises(ValueError, match="negative token id -1"):
+        write_dataset(tmp_path / "negative", [GPTSample(np.array([-1, 3]))], "pretraining", vocab_size=10)
+    assert not (tmp_path / "negative").exists()
+    path = write_dataset(
+        tmp_path / "sft", [GPTSample(np.array([1, 2, 3]), loss_masking_spans=[])], "sft", vocab_size=10
+    )
+    sample = GPTMemmapDataset(path)[0]
+    assert sample.token_ids.tolist() == [1, 2, 3] and len(sample.loss_masking_spans) == 0

@@ -75,7 +75,7 @@ class _ShardWriter:
         if self.kind == "sft":
             spans = sample.loss_masking_spans
             self.loss_spans.append(
-                np.zeros((0, 2), np.int32) if spans is None else np.asarray(spans, np.int32)
+                np.zeros((0, 2), np.int32) if spans is None else np.asarray(spans, np.int32).reshape(-1, 2)
             )
         elif self.kind == "preference":
             self.preference_spans.append((sample.chosen_span[0], sample.rejected_span[0]))
@@ -179,6 +179,10 @@ class DatasetWriter:
             raise ValueError("a preference dataset takes only samples with chosen/rejected spans")
         if len(sample.token_ids) and int(np.max(sample.token_ids)) >= self.vocab_size:
             raise ValueError(f"token id {int(np.max(sample.token_ids))} >= vocab_size {self.vocab_size}")
+        if (
+            len(sample.token_ids) and int(np.min(sample.token_ids)) < 0
+        ):  # would wrap around in unsigned storage
+            raise ValueError(f"negative token id {int(np.min(sample.token_ids))}")
         if self.current is None:
             self.current = self._new_shard()
         self.current.add(sample)

@@ -189,8 +189,9 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
         raise UnitrainError(f"{checkpoint}: not a complete checkpoint (no meta.json)")
     meta = json.loads((checkpoint / "meta.json").read_text())
     model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
-    model = build_model(model_config)
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
+        model = build_model(model_config)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, output)
