@@ -188,3 +188,13 @@ def test_a_prepare_that_keeps_no_row_fails_and_writes_nothing(run_prepare, tmp_p
         run_prepare(rows, mode="preference", output=str(tmp_path / "empty"))
     assert not (tmp_path / "empty").exists()
     assert not list(tmp_path.glob(".empty.tmp-*"))
+
+
+def test_spans_on_rows_of_a_text_dataset_are_counted_not_lost_silently(run_prepare, capsys):
+    from unitrain.data.prepare import summary
+
+    rows = [{"text": "hello world"}, {"text": "Q: a A: b", "loss_masking_spans": [[0, 5]]}]
+    output, report = run_prepare(rows)
+    assert report["schema"] == "text" and report["documents"] == 2
+    assert report["ignored_loss_masking_spans"] == 1 and report["ignored_loss_masking_spans_rows"] == [1]
+    assert "ignored loss_masking_spans in 1 rows: the schema (text)" in summary(report, str(output))

@@ -194,6 +194,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             reasons = ", ".join(f"{reason} ({count})" for reason, count in dropped.most_common(3))
             raise UnitrainError(f"{config.input}: all {num_rows} rows were dropped: {reasons}")
         report = {
+            "schema": schema,
             "rows": num_rows,
             "documents": num_documents,
             "tokens": num_tokens,
@@ -260,6 +261,7 @@ def summary(report: dict, output: str) -> str:
         lines.append(f"  split {report['split_documents']:,} documents longer than max_length")
     if report["ignored_loss_masking_spans"]:
         lines.append(
-            f"  ignored loss_masking_spans in {report['ignored_loss_masking_spans']:,} preference rows"
+            f"  ignored loss_masking_spans in {report['ignored_loss_masking_spans']:,} rows: the schema "
+            f"({report['schema']}) has no place for them (for SFT data use --mode sft)"
         )
     return "\n".join(lines)

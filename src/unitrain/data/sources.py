@@ -331,7 +331,9 @@ def _conversation(
 def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], render=None) -> Document:
     """One validated row → a Document of text segments; raises RowError."""
     if schema == "text":
-        return Document(row_index, [_string(row, fields, "text", allow_empty=False)], ["plain"])
+        # spans on a row of a dataset detected as plain text (from its first row) are counted, not lost silently
+        ignored = row.get(fields["loss_masking_spans"]) is not None
+        return Document(row_index, [_string(row, fields, "text", allow_empty=False)], ["plain"], ignored)
     if schema == "sft":
         text = _string(row, fields, "text", allow_empty=False)
         segments, roles = _sft_segments(text, _char_spans(row, fields, len(text)))

@@ -159,9 +159,9 @@ def to_samples(
     for document in documents:
         pieces = encoded[cursor : cursor + len(document.segments)]
         cursor += len(document.segments)
+        counters.ignored_span_rows += [document.row] if document.ignored_spans else []
         try:
             if kind == "preference":
-                counters.ignored_span_rows += [document.row] if document.ignored_spans else []
                 results.append((document.row, _preference(pieces, tokenizer, max_length, counters)))
             else:
                 results += [
