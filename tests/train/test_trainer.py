@@ -263,3 +263,19 @@ def test_pairs_longer_than_a_row_are_reported(preference_data, tmp_path, tiny_co
     )
     output = capsys.readouterr().out
     assert f"; {too_long} pairs of this epoch are longer than packing.sequence_length=16" in output
+
+
+def test_dpo_validation_loss_with_sft_term_does_not_depend_on_micro_batches(
+    preference_data, tmp_path, tiny_config
+):
+    """The `sft` term is normalized by the validation set's chosen tokens per pair, as in training, so eval/loss
+    is the same whatever the validation micro-batches (weights kept fixed with a negligible learning rate)."""
+    losses = []
+    for rows in (1, 4):
+        config = tiny_config(
+            "dpo", preference_data, tmp_path / f"rows-{rows}", dpo={"loss": ["sigmoid", "sft"]},
+            batch={"micro_batch_size": rows, "gradient_accumulation_steps": 1},
+            optimizer={"lr": 1e-12}, train={"max_steps": 2},
+        )  # fmt: skip
+        losses.append(train(config).last_metrics["eval/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

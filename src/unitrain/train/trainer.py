@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from unitrain.config import TrainConfig, config_to_yaml
-from unitrain.data.batch import PackedBatch
+from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.data import TrainingData, load_training_data
@@ -307,6 +307,15 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------
     @torch.no_grad()
+    def _validation_chosen_per_pair(self) -> float:
+        """Chosen-response targets per pair over the whole validation set, so the `sft` term of a loss list is
+        normalized as in training (by the global count), not per micro-batch. Needs only the batch metadata."""
+        chosen = pairs = 0
+        for _, batch in self.data.validation_batches():
+            chosen += int((batch.target_response == RESPONSE_CHOSEN).sum())
+            pairs += batch.num_pairs
+        return chosen / max(pairs, 1)
+
     def evaluate(self) -> dict[str, float]:
         """Loss (and DPO metrics) over every validation document/pair, reduced over ranks."""
         if not self.data.validation:
@@ -317,11 +326,14 @@ class Trainer:
         module.eval()
         keys = ("loss", "tokens", "slots", "targets") + (DPO_SUMS if self.config.objective == "dpo" else ())
         totals: dict[str, float | torch.Tensor] = dict.fromkeys(keys, 0.0)  # same keys on every rank
+        chosen_per_pair = self._validation_chosen_per_pair() if self.config.objective == "dpo" else None
         for index, (position, batch) in enumerate(self.data.validation_batches()):
             if shard and index % self.context.world_size != self.context.rank:
                 continue
             with self.autocast:
-                loss_sum, sums = self._batch_loss(module, batch.to(self.context.device), None, position)
+                loss_sum, sums = self._batch_loss(
+                    module, batch.to(self.context.device), chosen_per_pair, position
+                )
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
         reduced = reduce_sums(totals, self.context) if shard else {k: float(v) for k, v in totals.items()}
