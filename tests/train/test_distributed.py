@@ -44,11 +44,19 @@ def one_process(preference_data, tmp_path_factory, tiny_config):
     return root
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_gloo_ranks_match_one_process(fsdp, one_process, preference_data, tmp_path, tiny_config):
-    """2 ranks x 2 micro-batches of 1 row: the same rows per step as the one-process run."""
+@pytest.mark.parametrize(
+    ("fsdp", "reference"),
+    [(False, "model"), (True, "model"), (False, "cached")],
+    ids=["ddp", "fsdp2", "ddp-cached"],
+)
+def test_two_gloo_ranks_match_one_process(
+    fsdp, reference, one_process, preference_data, tmp_path, tiny_config
+):
+    """2 ranks x 2 micro-batches of 1 row: the same rows per step as the one-process run (whose reference model
+    runs alongside; a cached reference, filled once by rank 0, gives the same numbers)."""
     batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 2}
-    config = tiny_config("dpo", preference_data, tmp_path, batch=batch, parallel={"fsdp": fsdp}, **SECTIONS)
+    sections = {"batch": batch, "parallel": {"fsdp": fsdp}, "dpo": {"reference": reference}, **SECTIONS}
+    config = tiny_config("dpo", preference_data, tmp_path, **sections)
     (tmp_path / "run.yaml").write_text(config_to_yaml(config))
     launch(tmp_path / "run.yaml", 2)
 
@@ -67,6 +75,10 @@ def test_two_gloo_ranks_match_one_process(fsdp, one_process, preference_data, tm
         want = [r[key] for r in rows_one if key in r]
         assert len(got) == len(want) > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
+    if reference == "cached":
+        assert [path.name for path in (tmp_path / "reference-cache").iterdir()] == [
+            "reference_logps.safetensors"
+        ]
     weights_two = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
     for name, tensor in load_file(str(latest_checkpoint(one_process) / "model.safetensors")).items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)

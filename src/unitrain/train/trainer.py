@@ -140,17 +140,26 @@ class Trainer:
 
         dpo = self.config.dpo
         bf16 = self.config.train.dtype == "bfloat16"
-        return make_reference(
-            dpo.reference,
-            model_path=dpo.reference_model or self.config.model.path or self.output_dir / "initial",
-            datasets=self.data.datasets,
-            sequence_length=self.config.packing.sequence_length,
-            micro_batch_size=self.config.batch.micro_batch_size,
-            cache_dir=dpo.reference_cache_dir or self.output_dir / "reference-cache",
-            on_mismatch=dpo.reference_on_mismatch,
-            device=self.context.device,
-            dtype=torch.bfloat16 if bf16 else torch.float32,
-        )
+
+        def build():
+            return make_reference(
+                dpo.reference,
+                model_path=dpo.reference_model or self.config.model.path or self.output_dir / "initial",
+                datasets=self.data.datasets,
+                sequence_length=self.config.packing.sequence_length,
+                micro_batch_size=self.config.batch.micro_batch_size,
+                cache_dir=dpo.reference_cache_dir or self.output_dir / "reference-cache",
+                on_mismatch=dpo.reference_on_mismatch,
+                device=self.context.device,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+            )
+
+        if dpo.reference != "cached" or not self.context.is_distributed:
+            return build()
+        # Rank 0 fills the cache once; the other ranks then find it valid and never build the reference model.
+        reference = build() if self.context.is_main else None
+        barrier(self.context)
+        return reference if reference is not None else build()
 
     def _export_model(self, model: torch.nn.Module, directory: Path) -> None:
         from unitrain.model import save_pretrained
