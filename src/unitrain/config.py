@@ -145,6 +145,13 @@ class OptimizerSection(Section):
         1.0, gt=0, description="Clip the global gradient norm to this; none: no clip."
     )
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"both betas must be in [0, 1), got {list(betas)}")
+        return betas
+
 
 class ScheduleSection(Section):
     kind: Literal["constant", "linear", "cosine"] = Field(

@@ -87,6 +87,10 @@ def test_unknown_key_inside_blend_list():
         ({"data": {"train": "d", "validation": 1.5}}, "fraction must be in (0, 1)"),
         ({"optimizer": {"lr": -1}}, "optimizer.lr: Input should be greater than 0"),
         (
+            {"optimizer": {"betas": [0.9, 1.5]}},
+            "optimizer.betas: both betas must be in [0, 1), got [0.9, 1.5]",
+        ),
+        (
             {"train": {"max_steps": 10, "dtype": "float16"}},
             "train.dtype: Input should be 'float32' or 'bfloat16'",
         ),
