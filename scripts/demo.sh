@@ -21,6 +21,7 @@ echo "== inspect: two decoded pairs"
 unitrain inspect "$OUT/hh-rlhf" --count 2
 
 echo "== train: DPO of a tiny random Llama (configs/tiny-dpo.yaml)"
+rm -rf "$OUT/run"  # the demo starts a new run each time (train refuses to start over an old run's checkpoints)
 unitrain train configs/tiny-dpo.yaml data.train="$OUT/hh-rlhf" run.output_dir="$OUT/run" "$@"
 
 echo "== score: the trained policy against its starting point, on the first 400 pairs"
