@@ -78,6 +78,15 @@ def memmap_pairs(tmp_path):
     return make
 
 
+def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64):
+    """Every pair of `dataset` planned and collated into one DPO batch."""
+    from unitrain.data.packing import collate, plan_rows
+
+    layout = {"objective": "dpo", "mode": mode, "share_prompt": share_prompt}
+    plan = plan_rows(dataset, range(len(dataset)), sequence_length=sequence_length, **layout)
+    return collate(dataset, plan.rows, **layout)
+
+
 def build_tiny_model(seed: int = 0):
     """A 2-layer, width-32 random Llama with grouped-query attention, fp32."""
     import torch

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
-from unitrain.data.packing import collate, plan_rows
 from unitrain.data.sampling import BatchStream
 from unitrain.losses.preference import PreferenceLossConfig, preference_losses
 from unitrain.train.reference import pair_logps_of
 
-from .conftest import ListDataset, build_tiny_model, random_pairs, standalone_pair_logps
+from .conftest import ListDataset, build_tiny_model, packed_batch, random_pairs, standalone_pair_logps
 
 LAYOUTS = list(itertools.product(("separate", "pair", "packed"), (True, False)))
 CONFIG = PreferenceLossConfig(["sigmoid"], beta=0.5)
@@ -26,15 +25,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> No
 
 
 def packed_loss(model, dataset, mode, share_prompt, reference=None, sequence_length=48):
-    plan = plan_rows(
-        dataset,
-        range(len(dataset)),
-        objective="dpo",
-        mode=mode,
-        share_prompt=share_prompt,
-        sequence_length=sequence_length,
-    )
-    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+    batch = packed_batch(dataset, mode, share_prompt, sequence_length)
     sums, counts = pair_logps_of(model, batch)  # (P, 2) in batch order
     order = batch.pair_index.argsort()
     sums, counts = sums[order], counts[order]  # dataset order
@@ -93,10 +84,7 @@ def test_reference_equal_to_policy_gives_ln2_and_identical_responses_give_zero_g
     dataset = ListDataset([twin, *samples[1:]], "preference")
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     for mode, share_prompt in LAYOUTS:
-        plan = plan_rows(
-            dataset, range(6), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=48
-        )
-        batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+        batch = packed_batch(dataset, mode, share_prompt, sequence_length=48)
         with torch.no_grad():
             reference = pair_logps_of(frozen, batch)[0]
         sums, counts = pair_logps_of(model, batch)
@@ -129,11 +117,8 @@ def test_sigmoid_over_a_sum_of_pairs_would_fail(tiny_model):
         for k in range(8)
     ]
     expected = torch.cat(one_pair).mean()
-    plan = plan_rows(
-        dataset, range(8), objective="dpo", mode="packed", share_prompt=True, sequence_length=200
-    )
-    assert len(plan.rows) == 1  # every pair in one row
-    batch = collate(dataset, plan.rows, objective="dpo", mode="packed", share_prompt=True)
+    batch = packed_batch(dataset, "packed", share_prompt=True, sequence_length=200)
+    assert batch.num_rows == 1  # every pair in one row
     with torch.no_grad():
         sums, counts = pair_logps_of(policy, batch)
     ref = ref_sums[batch.pair_index]

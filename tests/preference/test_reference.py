@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import unitrain.train.reference as reference_module
-from unitrain.data.packing import collate, plan_rows
 from unitrain.errors import UnitrainError
 from unitrain.model import save_pretrained
 from unitrain.train.reference import CACHE_FILE, make_reference
 
-from .conftest import build_tiny_model, random_pairs, standalone_pair_logps
-
-
-def batch_of(dataset, mode="pair", share_prompt=False):
-    plan = plan_rows(
-        dataset,
-        range(len(dataset)),
-        objective="dpo",
-        mode=mode,
-        share_prompt=share_prompt,
-        sequence_length=64,
-    )
-    return collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+from .conftest import build_tiny_model, packed_batch, random_pairs, standalone_pair_logps
 
 
 def expected_logps(model, dataset, batch):
@@ -34,7 +23,7 @@ def test_none_and_model_references(tmp_path, memmap_pairs):
     model = build_tiny_model(4)
     save_pretrained(model, tmp_path / "ref")
     dataset = memmap_pairs(random_pairs(6, seed=31))
-    batch = batch_of(dataset, "packed", True)
+    batch = packed_batch(dataset, "packed", True)
     assert make_reference("none").pair_logps(batch) is None
     frozen = make_reference("model", model_path=tmp_path / "ref")
     assert not frozen.model.training and not any(p.requires_grad for p in frozen.model.parameters())
@@ -49,16 +38,12 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     model = build_tiny_model(5)
     save_pretrained(model, tmp_path / "ref")
     first = memmap_pairs(random_pairs(8, seed=32), "first")
-    cached = make_reference(
-        "cached",
-        model_path=tmp_path / "ref",
-        datasets=[first],
-        cache_dir=tmp_path / "cache",
-        sequence_length=16,
-        micro_batch_size=2,
+    cached_reference = functools.partial(
+        make_reference, "cached", model_path=tmp_path / "ref", cache_dir=tmp_path / "cache"
     )
+    cached = cached_reference(datasets=[first], sequence_length=16, micro_batch_size=2)
     assert (tmp_path / "cache" / CACHE_FILE).exists()
-    batch = batch_of(first)
+    batch = packed_batch(first)
     torch.testing.assert_close(
         cached.pair_logps(batch), expected_logps(model, first, batch), rtol=1e-5, atol=1e-4
     )
@@ -68,26 +53,16 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     monkeypatch.setattr(
         reference_module, "from_pretrained", lambda *a, **k: built.append(1) or real_from_pretrained(*a, **k)
     )
-    again = make_reference(
-        "cached", model_path=tmp_path / "ref", datasets=[first], cache_dir=tmp_path / "cache"
-    )
+    again = cached_reference(datasets=[first])
     assert built == []  # valid cache: the reference model is not built at all
     torch.testing.assert_close(again.pair_logps(batch), cached.pair_logps(batch))
 
     second = memmap_pairs(random_pairs(8, seed=33), "second")
     with pytest.raises(UnitrainError, match="dataset 0 changed"):
-        make_reference(
-            "cached",
-            model_path=tmp_path / "ref",
-            datasets=[second],
-            cache_dir=tmp_path / "cache",
-            on_mismatch="error",
-        )
-    rebuilt = make_reference(
-        "cached", model_path=tmp_path / "ref", datasets=[second], cache_dir=tmp_path / "cache"
-    )
+        cached_reference(datasets=[second], on_mismatch="error")
+    rebuilt = cached_reference(datasets=[second])
     assert built == [1] and "dataset 0 changed" in capsys.readouterr().out
-    batch = batch_of(second)
+    batch = packed_batch(second)
     torch.testing.assert_close(
         rebuilt.pair_logps(batch), expected_logps(model, second, batch), rtol=1e-5, atol=1e-4
     )
@@ -95,29 +70,14 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     changed = build_tiny_model(6)
     save_pretrained(changed, tmp_path / "ref")
     with pytest.raises(UnitrainError, match="reference weights changed"):
-        make_reference(
-            "cached",
-            model_path=tmp_path / "ref",
-            datasets=[second],
-            cache_dir=tmp_path / "cache",
-            on_mismatch="error",
-        )
-    fresh = make_reference(
-        "cached", model_path=tmp_path / "ref", datasets=[second], cache_dir=tmp_path / "cache"
-    )
+        cached_reference(datasets=[second], on_mismatch="error")
+    fresh = cached_reference(datasets=[second])
     assert built == [1, 1]
     torch.testing.assert_close(
         fresh.pair_logps(batch), expected_logps(changed, second, batch), rtol=1e-5, atol=1e-4
     )
     with pytest.raises(UnitrainError, match="computed in float32, this run's reference runs in bfloat16"):
-        make_reference(
-            "cached",
-            model_path=tmp_path / "ref",
-            datasets=[second],
-            cache_dir=tmp_path / "cache",
-            on_mismatch="error",
-            dtype=torch.bfloat16,
-        )
+        cached_reference(datasets=[second], on_mismatch="error", dtype=torch.bfloat16)
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [CACHE_FILE]  # no partial left
 
 
@@ -128,7 +88,7 @@ def test_cache_covers_several_datasets_with_blended_and_local_indices(tmp_path, 
     cached = make_reference(
         "cached", model_path=tmp_path / "ref", datasets=[first, second], cache_dir=tmp_path / "cache"
     )
-    local = batch_of(second)
+    local = packed_batch(second)
     expected = expected_logps(model, second, local)
     torch.testing.assert_close(cached.pair_logps(local, dataset_position=1), expected, rtol=1e-5, atol=1e-4)
     local.pair_index += len(first)  # the BatchStream convention for a second source

@@ -102,30 +102,11 @@ def test_blending_follows_the_weights_and_offsets_pair_indices():
 
 def test_iterate_batches_is_one_ordered_pass():
     dataset = ListDataset(random_pairs(17, seed=46), "preference")
-    batches = list(
-        iterate_batches(
-            dataset,
-            range(17),
-            objective="dpo",
-            mode="pair",
-            share_prompt=False,
-            sequence_length=64,
-            micro_batch_size=5,
-        )
-    )
+    settings = dict(objective="dpo", mode="pair", share_prompt=False, sequence_length=64, micro_batch_size=5)
+    batches = list(iterate_batches(dataset, range(17), **settings))
     assert [b.num_pairs for b in batches] == [5, 5, 5, 2]
     assert sorted(i for b in batches for i in b.pair_index.tolist()) == list(range(17))
-    again = list(
-        iterate_batches(
-            dataset,
-            range(17),
-            objective="dpo",
-            mode="pair",
-            share_prompt=False,
-            sequence_length=64,
-            micro_batch_size=5,
-        )
-    )
+    again = list(iterate_batches(dataset, range(17), **settings))
     assert [batch_key(a) for a in batches] == [batch_key(b) for b in again]
 
 
