@@ -74,11 +74,6 @@ class PackedBatch:
         return int((self.document_id >= 0).sum())
 
     @property
-    def padding_fraction(self) -> float:
-        slots = self.input_ids.numel()
-        return 0.0 if slots == 0 else 1.0 - self.num_tokens / slots
-
-    @property
     def is_plain_causal(self) -> bool:
         """True when every row is one unpadded document without preference segments: plain causal attention."""
         return bool(

@@ -49,11 +49,14 @@ class PackingPlan:
     `num_slots` the row slots that `efficiency` divides by."""
 
     rows: list[np.ndarray]
-    efficiency: float
     dropped: int
     num_tokens: int
     row_counts: np.ndarray
     num_slots: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.num_tokens / self.num_slots if self.num_slots else 0.0
 
 
 def check_options(objective: str, mode: str, sequence_length: int) -> None:
@@ -163,7 +166,6 @@ def plan_rows(
     slots = len(rows) * sequence_length * batch_rows_per_row
     return PackingPlan(
         rows=plan_rows_items,
-        efficiency=num_tokens / slots if slots else 0.0,
         dropped=dropped,
         num_tokens=num_tokens,
         row_counts=row_counts.reshape(-1, 3),

@@ -115,6 +115,11 @@ class BatchStream:
         self.efficiency = tokens / slots if slots else 0.0
         self.dropped = dropped
 
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows of the current epoch's plan (over every rank)."""
+        return len(self._rows)
+
     def _take(self, count: int) -> tuple[list, np.ndarray]:
         """The next `count` rows, crossing into the next epoch (reshuffled and repacked) when this one ends."""
         taken, counts = [], []

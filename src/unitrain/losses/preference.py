@@ -107,7 +107,6 @@ class PreferenceOutput:
     chosen_rewards: torch.Tensor  # (P,) β · (policy − reference) log-prob of chosen, detached
     rejected_rewards: torch.Tensor  # (P,)
     metrics: dict[str, torch.Tensor]  # TRL names → (P,) detached per-pair values
-    components: dict[str, torch.Tensor]  # loss name → (P,) unweighted per-pair loss
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -198,4 +197,4 @@ def preference_losses(
         "logps/chosen": policy[:, 0].detach(),
         "logps/rejected": policy[:, 1].detach(),
     }
-    return PreferenceOutput(losses, chosen_rewards, rejected_rewards, metrics, components)
+    return PreferenceOutput(losses, chosen_rewards, rejected_rewards, metrics)

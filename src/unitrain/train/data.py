@@ -79,7 +79,6 @@ def _check_same_tokenizer(datasets, paths: list[str]) -> None:
 
 def load_training_data(config: TrainConfig, context: DistContext) -> TrainingData:
     """Open and check the datasets, hold out validation, and build this rank's batch stream."""
-    from unitrain.data.packing import plan_rows
     from unitrain.data.sampling import BatchStream, split_indices
 
     objective = config.objective
@@ -116,14 +115,8 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
     )
     total_steps = config.train.max_steps
     if total_steps is None:
-        # Rows of one epoch (a blend takes round(N * weight) documents of each source), over rows of one step.
-        documents = sum(len(indices) for _, indices, _ in sources)
-        weights = sum(weight for _, _, weight in sources)
-        rows = sum(
-            len(plan_rows(dataset, indices, **packing).rows) * (documents * weight / weights) / len(indices)
-            for dataset, indices, weight in sources
-            if len(indices)
-        )
+        # Rows of the stream's first epoch (already planned, blend included) over the rows of one step.
+        rows = stream.rows_per_epoch
         per_step = (
             config.batch.micro_batch_size * config.batch.gradient_accumulation_steps * context.world_size
         )

@@ -84,7 +84,6 @@ class CachedReference(Reference):
     kind = "cached"
 
     def __init__(self, tables: list[np.ndarray], path: Path) -> None:
-        self.tables = tables  # one (n_k, 2) float32 table per dataset
         self.path = path
         self.offsets = np.cumsum([0] + [len(table) for table in tables])
         self.table = torch.from_numpy(np.concatenate(tables)) if tables else torch.zeros(0, 2)

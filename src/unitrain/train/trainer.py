@@ -11,6 +11,7 @@ stream knows in advance on every rank (it plans the whole step), so no extra com
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -230,9 +231,11 @@ class Trainer:
     def _batch_loss(
         self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), and metric sums."""
-        logps = module(batch)  # (N,)
+        """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), and metric sums.
+        `batch` is still on the CPU: its counts are read there, without waiting for the device."""
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
+        batch = batch.to(self.context.device)
+        logps = module(batch)  # (N,)
         if self.config.objective != "dpo":
             from unitrain.losses.lm import lm_loss_sum
 
@@ -274,7 +277,6 @@ class Trainer:
         totals: dict[str, float | torch.Tensor] = {"loss": 0.0}
         last = len(step_batches.micro_batches) - 1
         for index, batch in enumerate(step_batches.micro_batches):
-            batch = batch.to(self.context.device)
             with self._sync_context(index == last), self.autocast:
                 loss_sum, sums = self._batch_loss(self.wrapped, batch, chosen_per_pair)
             # DDP/FSDP average gradients over ranks; the global normalization needs their sum.
@@ -315,10 +317,11 @@ class Trainer:
         return float(norm)
 
     # -- validation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @functools.cached_property
     def _validation_chosen_per_pair(self) -> float:
         """Chosen-response targets per pair over the whole validation set, so the `sft` term of a loss list is
-        normalized as in training (by the global count), not per micro-batch. Needs only the batch metadata."""
+        normalized as in training (by the global count), not per micro-batch. Read once from the batch metadata:
+        the validation set never changes."""
         chosen = pairs = 0
         for _, batch in self.data.validation_batches():
             chosen += int((batch.target_response == RESPONSE_CHOSEN).sum())
@@ -335,14 +338,12 @@ class Trainer:
         module.eval()
         keys = ("loss", "tokens", "slots", "targets") + (DPO_SUMS if self.config.objective == "dpo" else ())
         totals: dict[str, float | torch.Tensor] = dict.fromkeys(keys, 0.0)  # same keys on every rank
-        chosen_per_pair = self._validation_chosen_per_pair() if self.config.objective == "dpo" else None
+        chosen_per_pair = self._validation_chosen_per_pair if self.config.objective == "dpo" else None
         for index, (position, batch) in enumerate(self.data.validation_batches()):
             if shard and index % self.context.world_size != self.context.rank:
                 continue
             with self.autocast:
-                loss_sum, sums = self._batch_loss(
-                    module, batch.to(self.context.device), chosen_per_pair, position
-                )
+                loss_sum, sums = self._batch_loss(module, batch, chosen_per_pair, position)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
         reduced = reduce_sums(totals, self.context) if shard else {k: float(v) for k, v in totals.items()}
