@@ -126,7 +126,8 @@ def test_bf16_autocast_is_close_to_fp32(make_batch):
         approximate = model.hidden_states(batch)
     approximate.float().sum().backward()
     real = batch.document_id >= 0
-    assert (approximate.float() - exact)[real].abs().max() < 0.1
+    difference = (approximate.float() - exact)[real].abs().max()
+    assert 1e-4 < difference < 0.1  # bf16 really ran, and stayed close
     assert all(
         torch.isfinite(p.grad).all() for name, p in model.named_parameters() if name != "lm_head.weight"
     )

@@ -26,7 +26,7 @@ def _naive(hidden, weight, positions, targets):
     return logps, logits.argmax(-1) == targets
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 10, 50, 64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 10, 49, 50, 64])  # 49: a last chunk of one target
 def test_logprobs_and_gradients_equal_naive(chunk_size):
     hidden, weight, positions, targets, upstream = _inputs()
     expected, expected_correct = _naive(hidden, weight, positions, targets)

@@ -95,6 +95,23 @@ def test_reference_equal_to_policy_gives_ln2_and_identical_responses_give_zero_g
             assert grad.abs().max() < 1e-6, (
                 f"{mode}/{share_prompt}: {name} gets gradient from chosen == rejected"
             )
+    # Against a different policy only the twin (chosen == rejected) stays at ln 2: in every layout its two
+    # responses must see exactly the same context.
+    policy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    for mode, share_prompt in LAYOUTS:
+        batch = packed_batch(dataset, mode, share_prompt, sequence_length=48)
+        with torch.no_grad():
+            reference = pair_logps_of(frozen, batch)[0]
+            sums, counts = pair_logps_of(policy, batch)
+        losses = preference_losses(sums, reference, counts, CONFIG).losses
+        twin = batch.pair_index.tolist().index(0)
+        close(losses[twin], torch.tensor(math.log(2)))
+        others = torch.cat([losses[:twin], losses[twin + 1 :]])
+        assert ((others - math.log(2)).abs() > 1e-4).all(), (mode, share_prompt, others)
 
 
 def test_sigmoid_over_a_sum_of_pairs_would_fail(tiny_model):

@@ -10,9 +10,10 @@ import torch
 from unitrain.losses.lm import lm_loss_sum
 from unitrain.losses.preference import LOSSES, PreferenceLossConfig, preference_losses, response_logps
 
-POLICY = [(-12.0, -15.5), (-30.25, -22.0), (-4.0, -4.0), (-60.0, -41.5)]
-REFERENCE = [(-13.0, -14.0), (-29.0, -25.0), (-4.5, -3.0), (-55.0, -45.0)]
-COUNTS = [(6, 9), (14, 10), (3, 3), (25, 17)]
+# the last pair has β·Δ = 3 > 1: hinge's clamp at zero is reached
+POLICY = [(-12.0, -15.5), (-30.25, -22.0), (-4.0, -4.0), (-60.0, -41.5), (-10.0, -20.0)]
+REFERENCE = [(-13.0, -14.0), (-29.0, -25.0), (-4.5, -3.0), (-55.0, -45.0), (-12.0, -12.0)]
+COUNTS = [(6, 9), (14, 10), (3, 3), (25, 17), (5, 8)]
 BETA, SMOOTH, GAMMA, TAU = 0.3, 0.2, 0.7, 0.05
 
 

@@ -209,8 +209,8 @@ def test_reference_cache_dir_is_shared_between_runs(preference_data, tmp_path, t
     dpo = {"reference": "cached", "reference_cache_dir": str(cache), "reference_on_mismatch": "error"}
     model_path = tmp_path / "start"
     train(tiny_config("dpo", preference_data, model_path, train={"max_steps": 2}))
-    for name in ("first", "second"):
-        raw = tiny_raw("dpo", preference_data, tmp_path / name, dpo=dpo, train={"max_steps": 2})
+    for name, reference in (("first", dpo), ("second", dpo), ("frozen-model", {"reference": "model"})):
+        raw = tiny_raw("dpo", preference_data, tmp_path / name, dpo=reference, train={"max_steps": 2})
         raw["model"] = {"path": str(model_path / "hf")}
         train(parse_config(raw))
         if name == "first":
@@ -218,7 +218,10 @@ def test_reference_cache_dir_is_shared_between_runs(preference_data, tmp_path, t
     assert (cache / CACHE_FILE).stat().st_mtime_ns == written, "the second run must reuse the cache"
     assert not (tmp_path / "second" / "reference-cache").exists()
     assert not (tmp_path / "second" / "initial").exists(), "a checkpoint start is not copied to initial/"
-    np.testing.assert_allclose(step_losses(tmp_path / "second"), step_losses(tmp_path / "first"), rtol=1e-6)
+    # the reused cache gives the losses of running the frozen reference model itself
+    np.testing.assert_allclose(
+        step_losses(tmp_path / "second"), step_losses(tmp_path / "frozen-model"), rtol=1e-6
+    )
 
 
 def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, tmp_path, tiny_config):
