@@ -88,8 +88,12 @@ def test_invalid_utf8_bytes(run_prepare, tmp_path):
 
 
 def test_unreadable_inputs(run_prepare, tmp_path):
-    with pytest.raises(UnitrainError, match="not a readable input"):
+    with pytest.raises(UnitrainError, match=r"missing\.jsonl: not found"):
         run_prepare([], input=str(tmp_path / "missing.jsonl"))
+    odd = tmp_path / "rows.txt"
+    odd.write_text("x")
+    with pytest.raises(UnitrainError, match="not a readable input"):
+        run_prepare([], input=str(odd))
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(b"not gzip at all")
     with pytest.raises(UnitrainError, match=r"broken\.jsonl\.gz: cannot be read"):

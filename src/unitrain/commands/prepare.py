@@ -1,7 +1,9 @@
 """`unitrain prepare`: flags or a YAML file (`--config`) → `PrepareConfig` → `unitrain.data.prepare.prepare`.
 
 Flags given on the command line override the YAML file's values; field names are remapped with
-`--field SCHEMA_FIELD=COLUMN` (repeatable) or a `fields:` mapping in the YAML file.
+`--field SCHEMA_FIELD=COLUMN` (repeatable) or a `fields:` mapping in the YAML file. Under
+`torchrun --nproc-per-node M [--nnodes N] -m unitrain prepare ...` (or with `--rank/--world-size` on processes
+started by hand) every rank tokenizes its share of the inputs and rank 0 writes the dataset.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the same settings (flags override it)")
     parser.add_argument(
-        "--input", help="local .jsonl[.gz] / .json / .parquet / .csv, save_to_disk dir, or hub name"
+        "--input",
+        nargs="+",
+        help="one or more inputs: .jsonl[.gz] / .json / .parquet / .csv / .arrow files, glob patterns (quoted), "
+        "directories of such files, a save_to_disk directory, or a hub name",
     )
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json")
     parser.add_argument("--output", help="dataset directory to create")
@@ -44,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN", help="rename a field")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        help="this process's rank when ranks are started by hand (default: torchrun's RANK)",
+    )
+    parser.add_argument(
+        "--world-size", dest="world_size", type=int, help="number of ranks (default: torchrun's WORLD_SIZE)"
+    )
 
 
 def build_config(args: argparse.Namespace):
@@ -80,9 +93,13 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.data.prepare import prepare, summary
+    from unitrain.data.prepare import prepare, resolve_rank, summary
 
     config = build_config(args)
-    report = prepare(config, progress=args.progress)
-    print(summary(report, config.output))
+    rank, world_size = resolve_rank(args.rank, args.world_size)
+    report = prepare(config, progress=args.progress, rank=rank, world_size=world_size)
+    if report is None:
+        print(f"rank {rank} of {world_size}: its inputs are tokenized; rank 0 writes {config.output}")
+    else:
+        print(summary(report, config.output))
     return 0

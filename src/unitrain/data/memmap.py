@@ -190,6 +190,16 @@ class DatasetWriter:
             self.shards.append(self.current.close())
             self.current = None
 
+    def adopt_shard(self, directory: Path, entry: dict) -> None:
+        """Move a finished shard (its two files in `directory`, `entry` as `close` records it) in as the next
+        shard: how a dataset written in parts (one part per input unit and rank) is assembled without a copy."""
+        if self.current is not None:
+            raise ValueError("adopt_shard after add: finish the documents added one by one first")
+        name = f"shard-{len(self.shards):05d}"
+        for suffix in (".tokens", ".index"):
+            os.replace(directory / f"{entry['name']}{suffix}", self.temp / f"{name}{suffix}")
+        self.shards.append({**entry, "name": name})
+
     def _new_shard(self) -> _ShardWriter:
         return _ShardWriter(self.temp, f"shard-{len(self.shards):05d}", self.dtype_code, self.kind)
 

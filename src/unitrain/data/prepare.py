@@ -1,16 +1,24 @@
-"""`unitrain prepare`: read rows → validate → tokenize in worker processes → write shards → rename into place.
+"""`unitrain prepare`: inputs → units → (per rank) validate and tokenize in worker processes → unit shards →
+(rank 0) one dataset, renamed into place.
 
-Rows travel to the workers in fixed-size chunks and come back in order (`imap`), so the output is byte-identical
-for every worker count; the writer is the one of `memmap.py`, writing into a temporary directory that is renamed
-only after the last shard and the metadata are complete. Trade-off: the reading and the writing stay in the main
-process (simple, ordered); parsing, schema checks and tokenization, the costly parts, run in the workers.
+The inputs resolve to an ordered list of units (`inputs.py`); rank r of a multi-rank prepare (torchrun, or
+`--rank/--world-size`) writes units r, r + W, r + 2W, ... each as a small dataset of its own under a work directory
+beside the output, keyed by everything that determines the result. Rank 0 waits until every unit is complete,
+then moves their shards, in unit order, into one dataset and renames it into place. Within a rank, rows travel to
+the tokenizer workers in fixed-size chunks and come back in order (`imap`). So the output is byte-identical for
+any number of ranks and workers, an interrupted prepare leaves nothing that loads, and running the same command
+again reuses the units already complete. Trade-off: the ranks coordinate through files on a shared filesystem
+(a complete unit is a renamed directory) rather than a process group: nothing to rendezvous, and the same code
+serves torchrun and hand-started ranks, at the price of rank 0 polling for the others' units.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,22 +26,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from unitrain.data.memmap import DEFAULT_SHARD_TOKENS, DatasetWriter
-from unitrain.data.sources import FIELDS, RowError, detect_schema, extract, parse_row, read_rows
-from unitrain.data.tokenize import Counters, TextTokenizer, to_samples
+from unitrain.data.inputs import Unit, read_unit, resolve_units, signature
+from unitrain.data.memmap import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, DatasetWriter
+from unitrain.data.sources import FIELDS, RowError, detect_schema, extract, parse_row
+from unitrain.data.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
 from unitrain.errors import UnitrainError
 
 CHUNK_ROWS = 256
-FIRST_ROWS_KEPT = 5
 KIND_OF_SCHEMA = {"text": "pretraining", "sft": "sft", "preference": "preference", "implicit": "preference"}
+POLL_SECONDS = 0.5
 
 
 class PrepareConfig(BaseModel):
     """Settings of one `prepare` run (CLI flags or a YAML file with the same names)."""
 
     model_config = ConfigDict(extra="forbid")
-    input: str = Field(
-        description="local file (.jsonl[.gz], .json, .parquet, .csv), save_to_disk dir or hub name"
+    input: str | list[str] = Field(
+        description="one or more inputs, read in the order given: files (.jsonl[.gz], .json, .parquet, .csv, "
+        ".arrow), glob patterns, directories of such files (sorted by path), a save_to_disk directory, a hub name"
     )
     tokenizer: str = Field(description="tokenizer directory or tokenizer.json file")
     output: str = Field(description="dataset directory to create")
@@ -61,6 +71,21 @@ class PrepareConfig(BaseModel):
             raise UnitrainError(f"unknown field name(s) {sorted(unknown)}; known: {', '.join(FIELDS)}")
         return {name: self.fields.get(name, name) for name in FIELDS}
 
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the flags when given, else torchrun's RANK / WORLD_SIZE, else a single rank."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UnitrainError(f"need 0 ≤ rank < world size, got rank {rank} of {world_size}")
+    return rank, world_size
+
+
+# ---------------------------------------------------------------- tokenizer workers
 
 _WORKER: dict = {}
 
@@ -93,8 +118,8 @@ def _process_chunk(chunk: list[tuple[int, bytes | dict]]):
     return sorted(failures + results, key=lambda item: item[0]), counters
 
 
-def _chunks(rows, first: list):
-    chunk = list(first)
+def _chunks(rows):
+    chunk = []
     for row in rows:
         chunk.append(row)
         if len(chunk) == CHUNK_ROWS:
@@ -104,109 +129,266 @@ def _chunks(rows, first: list):
         yield chunk
 
 
-def _first_row(rows):
-    """Read until the first row that parses (for schema detection); return it and the rows read so far."""
-    seen = []
-    for row_index, raw in rows:
-        seen.append((row_index, raw))
-        try:
-            return parse_row(raw), seen
-        except RowError:
-            continue
-    return None, seen
+class _Tokenizers:
+    """`run(chunks)` → results in order: a process pool when `workers > 1`, else this process."""
+
+    def __init__(self, workers: int, init: tuple) -> None:
+        self.pool = None
+        if workers > 1:
+            # fork starts workers in milliseconds (spawn re-imports everything and re-sends the tokenizer)
+            fork = "fork" in multiprocessing.get_all_start_methods()
+            self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
+                workers, _init_pool_worker, init
+            )
+        else:
+            _init_worker(*init)
+
+    def run(self, chunks):
+        return self.pool.imap(_process_chunk, chunks) if self.pool else map(_process_chunk, chunks)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
 
 
-def prepare(config: PrepareConfig, progress: bool = True) -> dict:
-    """Run prepare; returns the report (also written to `<output>/report.json`)."""
+# ---------------------------------------------------------------- one unit
+
+
+class UnitReport:
+    """Rows read, documents and tokens written, and drops by reason (first rows kept) of one unit or a whole run."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.rows, self.documents, self.tokens = (state.get(k, 0) for k in ("rows", "documents", "tokens"))
+        self.dropped = Counter(state.get("dropped", {}))
+        self.examples: dict[str, list] = {k: list(v) for k, v in state.get("examples", {}).items()}
+        self.counters = Counters(**state.get("counters", {}))
+
+    def drop(self, source: str, row: int, error: RowError) -> None:
+        self.dropped[error.reason] += 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < FIRST_ROWS_KEPT:
+            examples.append({"input": source, "row": row, "field": error.field, "message": error.message})
+
+    def merge(self, other: UnitReport) -> None:
+        self.rows += other.rows
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.dropped.update(other.dropped)
+        for reason, examples in other.examples.items():
+            self.examples[reason] = (self.examples.get(reason, []) + examples)[:FIRST_ROWS_KEPT]
+        self.counters.merge(other.counters)
+
+    def state(self) -> dict:
+        return {
+            "rows": self.rows,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "dropped": dict(self.dropped),
+            "examples": self.examples,
+            "counters": vars(self.counters),
+        }
+
+
+def _unit_dir(work: Path, number: int) -> Path:
+    return work / f"unit-{number:06d}"
+
+
+def _complete_unit(work: Path, number: int) -> dict | None:
+    """The metadata of unit `number` when it is complete (metadata written, every shard file present at its
+    recorded size), else None."""
+    directory = _unit_dir(work, number)
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+        for shard in metadata["shards"]:
+            for suffix, size in ((".tokens", shard["tokens_bytes"]), (".index", shard["index_bytes"])):
+                if (directory / f"{shard['name']}{suffix}").stat().st_size != size:
+                    return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return metadata
+
+
+def _write_unit(work: Path, number: int, unit: Unit, run: dict, tokenizers: _Tokenizers, bar) -> None:
+    """Tokenize one unit into `work/unit-NNNNNN/` (a small dataset, renamed into place when complete)."""
+    config: PrepareConfig = run["config"]
+    tokenizer: TextTokenizer = run["tokenizer"]
+    report = UnitReport()
+    with DatasetWriter(
+        _unit_dir(work, number),
+        run["kind"],
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        bos_id=tokenizer.bos_id,
+        max_shard_tokens=config.max_shard_tokens,
+        overwrite=True,
+    ) as writer:
+        for chunk_results, chunk_counters in tokenizers.run(_chunks(read_unit(unit, config.split))):
+            report.counters.merge(chunk_counters)
+            rows_in_chunk = len({row for row, _ in chunk_results})
+            report.rows += rows_in_chunk
+            for row, result in chunk_results:
+                if isinstance(result, RowError):
+                    if config.on_error == "fail":
+                        field = f", field {result.field!r}" if result.field else ""
+                        raise UnitrainError(
+                            f"{unit.label}: row {row}{field}: {result.message} ({result.reason})"
+                        )
+                    report.drop(unit.source, row, result)
+                    continue
+                writer.add(result)
+                report.documents += 1
+                report.tokens += len(result.token_ids)
+            if bar is not None:
+                bar.update(rows_in_chunk)
+        writer.close({"unit": {"key": run["key"], "source": unit.label, "report": report.state()}})
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _detect(units: list[Unit], config: PrepareConfig, fields: dict) -> tuple[str, str]:
+    """(schema, dataset kind) from the first row that parses, searching the units in order."""
+    for unit in units:
+        for _, raw in read_unit(unit, config.split):
+            try:
+                first = parse_row(raw)
+            except RowError:
+                continue
+            schema = detect_schema(first, config.mode, fields)
+            if schema == "conversation":
+                return schema, "preference" if fields["messages"] not in first else "sft"
+            return schema, KIND_OF_SCHEMA[schema]
+    raise UnitrainError(f"{', '.join(config.inputs)}: no readable rows")
+
+
+def _work_key(config: PrepareConfig, units: list[Unit], tokenizer: TextTokenizer, schema: str) -> str:
+    """Hash of everything the output depends on; names the work directory that ranks and reruns share."""
+    settings = config.model_dump(exclude={"overwrite", "workers", "output"})
+    identity = {
+        "format": FORMAT_VERSION,
+        "settings": settings,
+        "schema": schema,
+        "tokenizer": tokenizer.sha256,
+        "chat_template": tokenizer.chat_template_sha256,
+        "units": [signature(unit) for unit in units],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _progress_bar(enabled: bool, units: list[Unit]):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    known = all(unit.rows is not None for unit in units)
+    return tqdm(
+        total=sum(u.rows for u in units) if known else None, unit=" rows", desc="prepare", disable=None
+    )
+
+
+def prepare(
+    config: PrepareConfig, progress: bool = True, rank: int | None = None, world_size: int | None = None
+) -> dict | None:
+    """Run prepare (this rank's share of it); rank 0 returns the report (also in `<output>/report.json`),
+    the other ranks None once their units are written."""
     started = time.perf_counter()
+    rank, world_size = resolve_rank(rank, world_size)
     fields = config.field_map()
     output = Path(config.output)
     if output.exists() and not config.overwrite:
         raise UnitrainError(f"{output} already exists; pass --overwrite to replace it")
     tokenizer = TextTokenizer(config.tokenizer, config.chat_template)
-    rows = read_rows(config.input, config.split)
-    first, seen = _first_row(rows)
-    if first is None:
-        raise UnitrainError(f"{config.input}: no readable rows")
-    schema = detect_schema(first, config.mode, fields)
-    if schema == "conversation":
-        schema_kind = "preference" if fields["messages"] not in first else "sft"
-    else:
-        schema_kind = KIND_OF_SCHEMA[schema]
-    init = (tokenizer, schema, schema_kind, fields, config.max_length)
-    dropped: Counter = Counter()
-    first_rows: dict[str, list] = {}
-    counters = Counters()
-    num_rows = num_documents = num_tokens = 0
+    units = resolve_units(config.inputs)
+    schema, kind = _detect(units, config, fields)
+    key = _work_key(config, units, tokenizer, schema)
+    work = output.parent / f".{output.name}.prepare-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    run = {"config": config, "tokenizer": tokenizer, "kind": kind, "key": key}
+    mine = [n for n in range(rank, len(units), world_size) if _complete_unit(work, n) is None]
+    bar = _progress_bar(progress and rank == 0, [units[n] for n in mine])
+    tokenizers = _Tokenizers(
+        config.workers if mine else 1, (tokenizer, schema, kind, fields, config.max_length)
+    )
+    try:
+        for number in mine:
+            _write_unit(work, number, units[number], run, tokenizers, bar)
+    except BaseException:
+        if world_size == 1 and not any(_complete_unit(work, n) for n in range(len(units))):
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping for a rerun
+        raise
+    finally:
+        tokenizers.close()
+        if bar is not None:
+            bar.close()
+    if rank != 0:
+        return None
+    metadata = _wait_for_units(work, len(units), progress)
+    return _assemble(work, output, units, metadata, run, schema, fields, started)
+
+
+def _wait_for_units(work: Path, count: int, progress: bool) -> list[dict]:
+    """Rank 0: every unit's metadata, once all ranks have completed their units."""
+    metadata: list[dict | None] = [_complete_unit(work, n) for n in range(count)]
+    pending = [n for n in range(count) if metadata[n] is None]
+    bar = None
+    if pending and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=count, initial=count - len(pending), unit=" units", desc="waiting for other ranks")
+    while pending:
+        time.sleep(POLL_SECONDS)
+        for number in list(pending):
+            metadata[number] = _complete_unit(work, number)
+            if metadata[number] is not None:
+                pending.remove(number)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return metadata
+
+
+def _assemble(
+    work: Path, output: Path, units: list[Unit], metadata: list[dict], run: dict, schema, fields, started
+) -> dict:
+    """Move every unit's shards, in unit order, into one dataset; write its report and metadata; clean up."""
+    config, tokenizer = run["config"], run["tokenizer"]
+    total = UnitReport()
+    for unit_metadata in metadata:
+        total.merge(UnitReport(unit_metadata["unit"]["report"]))
+    if total.documents == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        reasons = ", ".join(f"{reason} ({count})" for reason, count in total.dropped.most_common(3))
+        raise UnitrainError(f"{', '.join(config.inputs)}: all {total.rows} rows were dropped: {reasons}")
+    report = {
+        "schema": schema,
+        "inputs": len({unit.source for unit in units}),
+        "rows": total.rows,
+        "documents": total.documents,
+        "tokens": total.tokens,
+        "dropped": dict(sorted(total.dropped.items())),
+        "dropped_examples": dict(sorted(total.examples.items())),
+        "truncated_pairs": total.counters.truncated_pairs,
+        "split_documents": total.counters.split_documents,
+        "split_extra_pieces": total.counters.extra_pieces,
+        "ignored_loss_masking_spans": total.counters.ignored_spans,
+        "ignored_loss_masking_spans_rows": total.counters.ignored_span_rows,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     with DatasetWriter(
         output,
-        schema_kind,
+        run["kind"],
         vocab_size=tokenizer.vocab_size,
         eos_id=tokenizer.eos_id,
         bos_id=tokenizer.bos_id,
         tokenizer_files=tokenizer.files,
-        max_shard_tokens=config.max_shard_tokens,
         overwrite=config.overwrite,
     ) as writer:
-        pool = None
-        if config.workers > 1:
-            # fork starts workers in milliseconds (spawn re-imports everything and re-sends the tokenizer)
-            fork = "fork" in multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if fork else "spawn")
-            pool = context.Pool(config.workers, _init_pool_worker, init)
-            results = pool.imap(_process_chunk, _chunks(rows, seen))
-        else:
-            _init_worker(*init)
-            results = map(_process_chunk, _chunks(rows, seen))
-        bar = _progress_bar(progress)
-        try:
-            for chunk_results, chunk_counters in results:
-                counters.merge(chunk_counters)
-                rows_in_chunk = {row for row, _ in chunk_results}
-                num_rows += len(rows_in_chunk)
-                for row, result in chunk_results:
-                    if isinstance(result, RowError):
-                        if config.on_error == "fail":
-                            field = f", field {result.field!r}" if result.field else ""
-                            raise UnitrainError(
-                                f"{config.input}: row {row}{field}: {result.message} ({result.reason})"
-                            )
-                        dropped[result.reason] += 1
-                        first_rows.setdefault(result.reason, [])
-                        if len(first_rows[result.reason]) < FIRST_ROWS_KEPT:
-                            first_rows[result.reason].append(
-                                {"row": row, "field": result.field, "message": result.message}
-                            )
-                        continue
-                    writer.add(result)
-                    num_documents += 1
-                    num_tokens += len(result.token_ids)
-                if bar is not None:
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.update(len(rows_in_chunk))
-                    bar.set_postfix_str(f"{num_tokens / elapsed:,.0f} tokens/s")
-        finally:
-            if bar is not None:
-                bar.close()
-            if pool is not None:
-                pool.terminate()
-        if num_documents == 0:  # raised inside the writer: nothing that looks like a dataset is left behind
-            reasons = ", ".join(f"{reason} ({count})" for reason, count in dropped.most_common(3))
-            raise UnitrainError(f"{config.input}: all {num_rows} rows were dropped: {reasons}")
-        report = {
-            "schema": schema,
-            "rows": num_rows,
-            "documents": num_documents,
-            "tokens": num_tokens,
-            "dropped": dict(sorted(dropped.items())),
-            "dropped_examples": dict(sorted(first_rows.items())),
-            "truncated_pairs": counters.truncated_pairs,
-            "split_documents": counters.split_documents,
-            "split_extra_pieces": counters.extra_pieces,
-            "ignored_loss_masking_spans": len(counters.ignored_span_rows),
-            "ignored_loss_masking_spans_rows": counters.ignored_span_rows[:FIRST_ROWS_KEPT],
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        for number, unit_metadata in enumerate(metadata):
+            for shard in unit_metadata["shards"]:
+                if shard["num_documents"]:
+                    writer.adopt_shard(_unit_dir(work, number), shard)
         if not any(path.name == "tokenizer_config.json" for path in tokenizer.files):
             _write_tokenizer_config(writer.temp / "tokenizer", tokenizer)
         (writer.temp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -214,7 +396,12 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
         writer.close(
             {
                 "schema": schema,
-                "source": {"input": config.input, "split": config.split, "fields": fields},
+                "source": {
+                    "input": config.input,
+                    "files": list(dict.fromkeys(unit.source for unit in units)),
+                    "split": config.split,
+                    "fields": fields,
+                },
                 "prepare": settings,
                 "max_length": config.max_length,
                 "chat_template_sha256": tokenizer.chat_template_sha256 if schema == "conversation" else None,
@@ -224,6 +411,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
                 },
             }
         )
+    for leftover in [work, *output.parent.glob(f".{output.name}.prepare-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # this run's units, and those of interrupted earlier runs
     return report
 
 
@@ -238,23 +427,27 @@ def _write_tokenizer_config(directory: Path, tokenizer: TextTokenizer) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit=" rows", desc="prepare", disable=None)
+def _rows_text(examples: list[dict], several_inputs: bool) -> str:
+    return ", ".join(
+        f"{Path(example['input']).name}:{example['row']}" if several_inputs else str(example["row"])
+        for example in examples
+    )
 
 
 def summary(report: dict, output: str) -> str:
     """The end-of-run summary printed by the CLI."""
+    inputs = report.get("inputs", 1)
     lines = [
         f"wrote {output}: {report['documents']:,} documents, {report['tokens']:,} tokens "
-        f"from {report['rows']:,} rows in {report['seconds']:.1f} s",
+        f"from {report['rows']:,} rows{f' of {inputs:,} inputs' if inputs > 1 else ''} in {report['seconds']:.1f} s",
     ]
     for reason, count in report["dropped"].items():
-        rows = ", ".join(str(example["row"]) for example in report["dropped_examples"][reason])
-        lines.append(f"  dropped {count:,} × {reason} (first rows: {rows})")
+        examples = report["dropped_examples"][reason]
+        named = sorted({example["field"] for example in examples if example.get("field")})
+        field = f"field {', '.join(repr(name) for name in named)}; " if named else ""
+        lines.append(
+            f"  dropped {count:,} × {reason} ({field}first rows: {_rows_text(examples, inputs > 1)})"
+        )
     if report["truncated_pairs"]:
         lines.append(f"  truncated {report['truncated_pairs']:,} pairs to max_length")
     if report["split_documents"]:

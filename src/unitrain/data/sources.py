@@ -1,4 +1,4 @@
-"""Input rows → documents as text segments: reading local files, detecting the schema, validating each row.
+"""Input rows → documents as text segments: parsing, detecting the schema, validating each row.
 
 A `Document` is a list of text segments with a role each, before tokenization: `plain` (text), `masked` /
 `trained` (SFT), `prompt` / `chosen` / `rejected` (preference). Trade-off: splitting into segments here, and
@@ -13,11 +13,9 @@ conversation `messages`, or `chosen`/`rejected` (and optionally `prompt`) as mes
 
 from __future__ import annotations
 
-import gzip
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from unitrain.errors import UnitrainError
 
@@ -25,8 +23,6 @@ MODES = ("auto", "text", "sft", "preference", "conversation")
 FIELDS = ("text", "prompt", "chosen", "rejected", "loss_masking_spans", "messages")
 ASSISTANT_MARKER = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
-JSON_LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
-LOCAL_SUFFIXES = JSON_LINE_SUFFIXES + (".parquet", ".csv", ".arrow", ".gz")
 
 
 class RowError(Exception):
@@ -48,73 +44,7 @@ class Document:
     ignored_spans: bool = False  # the row had loss_masking_spans that this schema ignores
 
 
-# ---------------------------------------------------------------- reading
-
-
-def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, bytes | dict]]:
-    """Yield (row index, raw row): JSON lines stay bytes (parsed in the workers), other formats give dicts.
-
-    The row index is the 0-based line number for JSON lines (blank lines are skipped but counted) and the record
-    number otherwise. A missing or unreadable file raises `UnitrainError`.
-    """
-    path = Path(source)
-    name = path.name.lower()
-    if path.is_file() and name.endswith(JSON_LINE_SUFFIXES):
-        yield from _read_json(path)
-    elif path.is_file() and name.endswith((".parquet", ".csv", ".arrow")):
-        yield from enumerate(_load_datasets(source, split, name.rsplit(".", 1)[-1]))
-    elif path.is_dir():
-        yield from enumerate(_load_datasets(source, split, "disk"))
-    elif path.exists() or name.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
-        raise UnitrainError(
-            f"{source}: not a readable input (expected .jsonl[.gz], .json, .parquet, .csv or a dir)"
-        )
-    else:
-        yield from enumerate(_load_datasets(source, split, "hub"))
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, bytes | dict]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            first = handle.read(1 << 16)
-            if first.lstrip()[:1] == b"[":  # one JSON array, not JSON lines
-                try:
-                    rows = json.loads(first + handle.read())
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    raise UnitrainError(f"{path}: not valid JSON ({error})") from None
-                yield from enumerate(row if isinstance(row, dict) else b"" for row in rows)
-                return
-            handle.seek(0)
-            for index, line in enumerate(handle):
-                if line.strip():
-                    yield index, line
-    except (OSError, EOFError) as error:
-        raise UnitrainError(f"{path}: cannot be read ({error})") from None
-
-
-def _load_datasets(source: str, split: str, kind: str):
-    import datasets
-
-    try:
-        if kind == "disk":
-            loaded = datasets.load_from_disk(source)
-        elif kind == "hub":
-            loaded = datasets.load_dataset(source, split=split)
-        else:
-            builder = {"arrow": "arrow", "csv": "csv", "parquet": "parquet"}[kind]
-            loaded = datasets.load_dataset(builder, data_files=source, split="train")
-    except Exception as error:  # datasets raises many types; all mean "cannot read this input"
-        raise UnitrainError(
-            f"{source}: cannot be read by datasets ({type(error).__name__}: {error})"
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise UnitrainError(f"{source}: no split {split!r} (has {', '.join(loaded)})")
-        loaded = loaded[split]
-    for batch in loaded.iter(batch_size=1024):
-        columns = list(batch)
-        yield from (dict(zip(columns, values)) for values in zip(*batch.values()))
+# ---------------------------------------------------------------- rows
 
 
 def parse_row(raw: bytes | dict) -> dict:

@@ -28,6 +28,7 @@ TOKENIZER_FILES = (
 )
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+FIRST_ROWS_KEPT = 5  # example rows kept per reason in a report
 
 
 def _token_name(value) -> str | None:
@@ -135,18 +136,25 @@ class TextTokenizer:
 
 @dataclass
 class Counters:
-    """What `to_samples` cut or split (dropped rows are reported separately, by reason)."""
+    """What `to_samples` cut, split or ignored (dropped rows are reported separately, by reason)."""
 
     truncated_pairs: int = 0
     split_documents: int = 0
     extra_pieces: int = 0
-    ignored_span_rows: list[int] = field(default_factory=list)
+    ignored_spans: int = 0  # rows whose loss_masking_spans the schema ignores
+    ignored_span_rows: list[int] = field(default_factory=list)  # the first few of them
+
+    def ignore_spans(self, row: int) -> None:
+        self.ignored_spans += 1
+        if len(self.ignored_span_rows) < FIRST_ROWS_KEPT:
+            self.ignored_span_rows.append(row)
 
     def merge(self, other: Counters) -> None:
         self.truncated_pairs += other.truncated_pairs
         self.split_documents += other.split_documents
         self.extra_pieces += other.extra_pieces
-        self.ignored_span_rows += other.ignored_span_rows
+        self.ignored_spans += other.ignored_spans
+        self.ignored_span_rows = (self.ignored_span_rows + other.ignored_span_rows)[:FIRST_ROWS_KEPT]
 
 
 def to_samples(
@@ -159,7 +167,8 @@ def to_samples(
     for document in documents:
         pieces = encoded[cursor : cursor + len(document.segments)]
         cursor += len(document.segments)
-        counters.ignored_span_rows += [document.row] if document.ignored_spans else []
+        if document.ignored_spans:
+            counters.ignore_spans(document.row)
         try:
             if kind == "preference":
                 results.append((document.row, _preference(pieces, tokenizer, max_length, counters)))
