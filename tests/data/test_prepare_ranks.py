@@ -100,7 +100,7 @@ def test_an_interrupted_rank_leaves_nothing_that_loads_and_a_rerun_completes(
 ):
     settings = config(tmp_path, inputs, "resumed", gpt2_tokenizer_path)
     written = []
-    original = prepare_module._write_unit
+    original = prepare_module.write_unit
 
     def write_then_stop(work, number, *args):
         if len(written) == 2:
@@ -108,7 +108,7 @@ def test_an_interrupted_rank_leaves_nothing_that_loads_and_a_rerun_completes(
         written.append(number)
         original(work, number, *args)
 
-    monkeypatch.setattr(prepare_module, "_write_unit", write_then_stop)
+    monkeypatch.setattr(prepare_module, "write_unit", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
         prepare(settings, progress=False, rank=1, world_size=2)
     assert written == [1, 3]
@@ -120,7 +120,7 @@ def test_an_interrupted_rank_leaves_nothing_that_loads_and_a_rerun_completes(
         "unit-000003",
     ]
     written.clear()
-    monkeypatch.setattr(prepare_module, "_write_unit", lambda work, number, *args: (
+    monkeypatch.setattr(prepare_module, "write_unit", lambda work, number, *args: (
         written.append(number), original(work, number, *args)))  # fmt: skip
     prepare(settings, progress=False)
     assert written == [0, 2, 4, 5, 6]  # the units already complete are not tokenized again

@@ -3,10 +3,9 @@
 
 The inputs resolve to an ordered list of units (`inputs.py`); rank r of a multi-rank prepare (torchrun, or
 `--rank/--world-size`) writes units r, r + W, r + 2W, ... each as a small dataset of its own under a work directory
-beside the output, keyed by everything that determines the result. Rank 0 waits until every unit is complete,
-then moves their shards, in unit order, into one dataset and renames it into place. Within a rank, rows travel to
-the tokenizer workers in fixed-size chunks and come back in order (`imap`). So the output is byte-identical for
-any number of ranks and workers, an interrupted prepare leaves nothing that loads, and running the same command
+beside the output, keyed by everything that determines the result (`units.py` writes one). Rank 0 waits until
+every unit is complete, then moves their shards, in unit order, into one dataset and renames it into place. So
+the output is byte-identical for any number of ranks and workers, an interrupted prepare leaves nothing that loads, and running the same command
 again reuses the units already complete. Trade-off: the ranks coordinate through files on a shared filesystem
 (a complete unit is a renamed directory) rather than a process group: nothing to rendezvous, and the same code
 serves torchrun and hand-started ranks, at the price of rank 0 polling for the others' units.
@@ -16,11 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unitrain.data.inputs import Unit, read_unit, resolve_units, signature
 from unitrain.data.memmap import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, DatasetWriter
-from unitrain.data.sources import FIELDS, RowError, detect_schema, extract, parse_row
-from unitrain.data.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
+from unitrain.data.sources import FIELDS, RowError, detect_schema, parse_row
+from unitrain.data.tokenize import TextTokenizer
+from unitrain.data.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
 from unitrain.errors import UnitrainError
 
-CHUNK_ROWS = 256
 KIND_OF_SCHEMA = {"text": "pretraining", "sft": "sft", "preference": "preference", "implicit": "preference"}
 POLL_SECONDS = 0.5
 
@@ -83,165 +80,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UnitrainError(f"need 0 ≤ rank < world size, got rank {rank} of {world_size}")
     return rank, world_size
-
-
-# ---------------------------------------------------------------- tokenizer workers
-
-_WORKER: dict = {}
-
-
-def _init_pool_worker(*init) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _init_worker(*init)
-
-
-def _init_worker(
-    tokenizer: TextTokenizer, schema: str, kind: str, fields: dict, max_length: int | None
-) -> None:
-    _WORKER.update(tokenizer=tokenizer, schema=schema, kind=kind, fields=fields, max_length=max_length)
-
-
-def _process_chunk(chunk: list[tuple[int, bytes | dict]]):
-    """Raw rows → [(row, GPTSample | RowError)] in row order, plus counters. Runs in a worker."""
-    tokenizer, fields = _WORKER["tokenizer"], _WORKER["fields"]
-    documents, failures = [], []
-    for row_index, raw in chunk:
-        try:
-            documents.append(extract(_WORKER["schema"], row_index, parse_row(raw), fields, tokenizer.render))
-        except RowError as error:
-            failures.append((row_index, error))
-    counters = Counters()
-    results = to_samples(documents, tokenizer, _WORKER["kind"], _WORKER["max_length"], counters)
-    for _, error in results:
-        if isinstance(error, RowError) and error.field in fields:
-            error.field = fields[error.field]
-    return sorted(failures + results, key=lambda item: item[0]), counters
-
-
-def _chunks(rows):
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == CHUNK_ROWS:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-class _Tokenizers:
-    """`run(chunks)` → results in order: a process pool when `workers > 1`, else this process."""
-
-    def __init__(self, workers: int, init: tuple) -> None:
-        self.pool = None
-        if workers > 1:
-            # fork starts workers in milliseconds (spawn re-imports everything and re-sends the tokenizer)
-            fork = "fork" in multiprocessing.get_all_start_methods()
-            self.pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(
-                workers, _init_pool_worker, init
-            )
-        else:
-            _init_worker(*init)
-
-    def run(self, chunks):
-        return self.pool.imap(_process_chunk, chunks) if self.pool else map(_process_chunk, chunks)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-
-
-# ---------------------------------------------------------------- one unit
-
-
-class UnitReport:
-    """Rows read, documents and tokens written, and drops by reason (first rows kept) of one unit or a whole run."""
-
-    def __init__(self, state: dict | None = None) -> None:
-        state = state or {}
-        self.rows, self.documents, self.tokens = (state.get(k, 0) for k in ("rows", "documents", "tokens"))
-        self.dropped = Counter(state.get("dropped", {}))
-        self.examples: dict[str, list] = {k: list(v) for k, v in state.get("examples", {}).items()}
-        self.counters = Counters(**state.get("counters", {}))
-
-    def drop(self, source: str, row: int, error: RowError) -> None:
-        self.dropped[error.reason] += 1
-        examples = self.examples.setdefault(error.reason, [])
-        if len(examples) < FIRST_ROWS_KEPT:
-            examples.append({"input": source, "row": row, "field": error.field, "message": error.message})
-
-    def merge(self, other: UnitReport) -> None:
-        self.rows += other.rows
-        self.documents += other.documents
-        self.tokens += other.tokens
-        self.dropped.update(other.dropped)
-        for reason, examples in other.examples.items():
-            self.examples[reason] = (self.examples.get(reason, []) + examples)[:FIRST_ROWS_KEPT]
-        self.counters.merge(other.counters)
-
-    def state(self) -> dict:
-        return {
-            "rows": self.rows,
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "dropped": dict(self.dropped),
-            "examples": self.examples,
-            "counters": vars(self.counters),
-        }
-
-
-def _unit_dir(work: Path, number: int) -> Path:
-    return work / f"unit-{number:06d}"
-
-
-def _complete_unit(work: Path, number: int) -> dict | None:
-    """The metadata of unit `number` when it is complete (metadata written, every shard file present at its
-    recorded size), else None."""
-    directory = _unit_dir(work, number)
-    try:
-        metadata = json.loads((directory / "metadata.json").read_text())
-        for shard in metadata["shards"]:
-            for suffix, size in ((".tokens", shard["tokens_bytes"]), (".index", shard["index_bytes"])):
-                if (directory / f"{shard['name']}{suffix}").stat().st_size != size:
-                    return None
-    except (OSError, ValueError, KeyError):
-        return None
-    return metadata
-
-
-def _write_unit(work: Path, number: int, unit: Unit, run: dict, tokenizers: _Tokenizers, bar) -> None:
-    """Tokenize one unit into `work/unit-NNNNNN/` (a small dataset, renamed into place when complete)."""
-    config: PrepareConfig = run["config"]
-    tokenizer: TextTokenizer = run["tokenizer"]
-    report = UnitReport()
-    with DatasetWriter(
-        _unit_dir(work, number),
-        run["kind"],
-        vocab_size=tokenizer.vocab_size,
-        eos_id=tokenizer.eos_id,
-        bos_id=tokenizer.bos_id,
-        max_shard_tokens=config.max_shard_tokens,
-        overwrite=True,
-    ) as writer:
-        for chunk_results, chunk_counters in tokenizers.run(_chunks(read_unit(unit, config.split))):
-            report.counters.merge(chunk_counters)
-            rows_in_chunk = len({row for row, _ in chunk_results})
-            report.rows += rows_in_chunk
-            for row, result in chunk_results:
-                if isinstance(result, RowError):
-                    if config.on_error == "fail":
-                        field = f", field {result.field!r}" if result.field else ""
-                        raise UnitrainError(
-                            f"{unit.label}: row {row}{field}: {result.message} ({result.reason})"
-                        )
-                    report.drop(unit.source, row, result)
-                    continue
-                writer.add(result)
-                report.documents += 1
-                report.tokens += len(result.token_ids)
-            if bar is not None:
-                bar.update(rows_in_chunk)
-        writer.close({"unit": {"key": run["key"], "source": unit.label, "report": report.state()}})
 
 
 # ---------------------------------------------------------------- the run
@@ -305,16 +143,16 @@ def prepare(
     work = output.parent / f".{output.name}.prepare-{key}"
     work.mkdir(parents=True, exist_ok=True)
     run = {"config": config, "tokenizer": tokenizer, "kind": kind, "key": key}
-    mine = [n for n in range(rank, len(units), world_size) if _complete_unit(work, n) is None]
+    mine = [n for n in range(rank, len(units), world_size) if complete_unit(work, n) is None]
     bar = _progress_bar(progress and rank == 0, [units[n] for n in mine])
-    tokenizers = _Tokenizers(
+    tokenizers = Tokenizers(
         config.workers if mine else 1, (tokenizer, schema, kind, fields, config.max_length)
     )
     try:
         for number in mine:
-            _write_unit(work, number, units[number], run, tokenizers, bar)
+            write_unit(work, number, units[number], run, tokenizers, bar)
     except BaseException:
-        if world_size == 1 and not any(_complete_unit(work, n) for n in range(len(units))):
+        if world_size == 1 and not any(complete_unit(work, n) for n in range(len(units))):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping for a rerun
         raise
     finally:
@@ -329,7 +167,7 @@ def prepare(
 
 def _wait_for_units(work: Path, count: int, progress: bool) -> list[dict]:
     """Rank 0: every unit's metadata, once all ranks have completed their units."""
-    metadata: list[dict | None] = [_complete_unit(work, n) for n in range(count)]
+    metadata: list[dict | None] = [complete_unit(work, n) for n in range(count)]
     pending = [n for n in range(count) if metadata[n] is None]
     bar = None
     if pending and progress:
@@ -339,7 +177,7 @@ def _wait_for_units(work: Path, count: int, progress: bool) -> list[dict]:
     while pending:
         time.sleep(POLL_SECONDS)
         for number in list(pending):
-            metadata[number] = _complete_unit(work, number)
+            metadata[number] = complete_unit(work, number)
             if metadata[number] is not None:
                 pending.remove(number)
                 if bar is not None:
@@ -388,7 +226,7 @@ def _assemble(
         for number, unit_metadata in enumerate(metadata):
             for shard in unit_metadata["shards"]:
                 if shard["num_documents"]:
-                    writer.adopt_shard(_unit_dir(work, number), shard)
+                    writer.adopt_shard(unit_dir(work, number), shard)
         if not any(path.name == "tokenizer_config.json" for path in tokenizer.files):
             _write_tokenizer_config(writer.temp / "tokenizer", tokenizer)
         (writer.temp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
