@@ -167,8 +167,8 @@ def test_corrupted_offsets_and_spans(dataset_dir):
 def test_newer_version_and_foreign_metadata(dataset_dir):
     metadata_path = dataset_dir / "metadata.json"
     metadata = json.loads(metadata_path.read_text())
-    metadata_path.write_text(json.dumps({**metadata, "format_version": 2}))
-    with pytest.raises(UnitrainError, match="format version 2 is newer"):
+    metadata_path.write_text(json.dumps({**metadata, "format_version": 3}))
+    with pytest.raises(UnitrainError, match="format version 3 is newer"):
         GPTMemmapDataset(dataset_dir)
     metadata_path.write_text(json.dumps({"some": "other tool"}))
     with pytest.raises(UnitrainError, match="not a unitrain dataset"):

@@ -24,15 +24,18 @@ from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
 
 FORMAT_NAME = "unitrain-memmap"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads; a dataset is written at the lowest version that holds it
+GROUPS_VERSION = 2  # version 2 added the groups section; everything else is still written as version 1
 TOKENS_MAGIC = b"UNITOKNS"
 INDEX_MAGIC = b"UNIINDEX"
 HEADER_BYTES = 64
-# tokens header: magic, version, dtype code, num_tokens; index header: magic, version, flags, docs, tokens, spans.
+# tokens header: magic, version, dtype code, num_tokens; index header: magic, version, flags, docs, tokens, spans,
+# responses (version 2; zero in version 1 files).
 TOKENS_HEADER = struct.Struct("<8sIIQ")
-INDEX_HEADER = struct.Struct("<8sIIQQQ")
+INDEX_HEADER = struct.Struct("<8sIIQQQQ")
 FLAG_LOSS_SPANS = 1
 FLAG_PREFERENCE = 2
+FLAG_GROUPS = 4
 DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 KINDS = ("pretraining", "sft", "preference")
 DEFAULT_SHARD_TOKENS = 1 << 30
@@ -66,6 +69,9 @@ class _ShardWriter:
         self.lengths: list[int] = []
         self.loss_spans: list[np.ndarray] = []
         self.preference_spans: list[tuple[int, int]] = []
+        self.groups = False  # set by the first preference sample: a shard holds pairs or groups
+        self.response_begins: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
         self.num_tokens = 0
 
     def add(self, sample: GPTSample) -> None:
@@ -77,17 +83,22 @@ class _ShardWriter:
             self.loss_spans.append(
                 np.zeros((0, 2), np.int32) if spans is None else np.asarray(spans, np.int32).reshape(-1, 2)
             )
+        elif self.groups:
+            spans, scores = sample.group_spans, sample.group_scores  # a pair joins as a group scored (1, 0)
+            self.response_begins.append(np.asarray(spans[:, 0], "<i4"))
+            self.scores.append(np.asarray(scores, "<f4"))
         elif self.kind == "preference":
             self.preference_spans.append((sample.chosen_span[0], sample.rejected_span[0]))
 
     def close(self) -> dict:
+        version = GROUPS_VERSION if self.groups else 1
         self.handle.seek(0)
-        self.handle.write(TOKENS_HEADER.pack(TOKENS_MAGIC, FORMAT_VERSION, self.dtype_code, self.num_tokens))
+        self.handle.write(TOKENS_HEADER.pack(TOKENS_MAGIC, version, self.dtype_code, self.num_tokens))
         self.handle.close()
         offsets = np.zeros(len(self.lengths) + 1, np.int64)  # (n + 1,)
         np.cumsum(self.lengths, out=offsets[1:])
         sections = [offsets.tobytes()]
-        flags, num_spans = 0, 0
+        flags, num_spans, num_responses = 0, 0, 0
         if self.kind == "sft":
             flags |= FLAG_LOSS_SPANS
             counts = np.array([len(s) for s in self.loss_spans], np.int64)
@@ -96,19 +107,29 @@ class _ShardWriter:
             table = np.concatenate(self.loss_spans + [np.zeros((0, 2), np.int32)]).astype("<i4")  # (m, 2)
             num_spans = len(table)
             sections += [span_offsets.tobytes(), table.tobytes(), b"\0" * (-table.nbytes % 8)]
-        if self.kind == "preference":
+        if self.groups:
+            flags |= FLAG_GROUPS
+            counts = np.array([len(b) for b in self.response_begins], np.int64)
+            group_offsets = np.zeros(len(counts) + 1, np.int64)  # (n + 1,)
+            np.cumsum(counts, out=group_offsets[1:])
+            begins = np.concatenate(self.response_begins + [np.zeros(0, "<i4")])  # (R,)
+            scores = np.concatenate(self.scores + [np.zeros(0, "<f4")])  # (R,)
+            num_responses = len(begins)
+            pad = b"\0" * (-begins.nbytes % 8)
+            sections += [group_offsets.tobytes(), begins.tobytes(), pad, scores.tobytes(), pad]
+        elif self.kind == "preference":
             flags |= FLAG_PREFERENCE
             # (n, 2): chosen begin, rejected begin (chosen ends where rejected begins; rejected ends the document)
             pairs = np.array(self.preference_spans, "<i4").reshape(-1, 2)
             sections += [pairs.tobytes(), b"\0" * (-pairs.nbytes % 8)]
         header = INDEX_HEADER.pack(
-            INDEX_MAGIC, FORMAT_VERSION, flags, len(self.lengths), self.num_tokens, num_spans
+            INDEX_MAGIC, version, flags, len(self.lengths), self.num_tokens, num_spans, num_responses
         )
         with open(self.index_path, "wb") as handle:
             handle.write(header.ljust(HEADER_BYTES, b"\0"))
             for section in sections:
                 handle.write(section)
-        return {
+        entry = {
             "name": self.name,
             "num_documents": len(self.lengths),
             "num_tokens": self.num_tokens,
@@ -117,6 +138,7 @@ class _ShardWriter:
             "tokens_sha256": _sha256_file(self.tokens_path),
             "index_sha256": _sha256_file(self.index_path),
         }
+        return entry if version == 1 else {**entry, "format_version": version}
 
 
 def _remove_stale_temps(output: Path) -> None:
@@ -173,10 +195,19 @@ class DatasetWriter:
         self.tokenizer_files = [Path(f) for f in tokenizer_files]
         self.shards: list[dict] = []
         self.current: _ShardWriter | None = None
+        self.groups: bool | None = None  # preference layout, set by the first sample: pairs or groups
 
     def add(self, sample: GPTSample) -> None:
         if self.kind == "preference" and not sample.is_preference:
-            raise ValueError("a preference dataset takes only samples with chosen/rejected spans")
+            raise ValueError("a preference dataset takes only samples with chosen/rejected or response spans")
+        if self.kind == "preference":
+            if self.groups is None:
+                self.groups = sample.is_group
+            elif sample.is_group and not self.groups:
+                raise ValueError(
+                    "this dataset started with pairs and cannot take a group; write every sample as a group "
+                    "(a pair becomes a group scored (1, 0)) or start with a group"
+                )
         if len(sample.token_ids) and int(np.max(sample.token_ids)) >= self.vocab_size:
             raise ValueError(f"token id {int(np.max(sample.token_ids))} >= vocab_size {self.vocab_size}")
         if (
@@ -201,7 +232,9 @@ class DatasetWriter:
         self.shards.append({**entry, "name": name})
 
     def _new_shard(self) -> _ShardWriter:
-        return _ShardWriter(self.temp, f"shard-{len(self.shards):05d}", self.dtype_code, self.kind)
+        shard = _ShardWriter(self.temp, f"shard-{len(self.shards):05d}", self.dtype_code, self.kind)
+        shard.groups = bool(self.groups)
+        return shard
 
     def close(self, metadata_extra: dict | None = None) -> Path:
         """Finish the shards, write metadata.json, and move the dataset into place. Returns its path."""
@@ -216,12 +249,13 @@ class DatasetWriter:
             for source in self.tokenizer_files:
                 shutil.copyfile(source, self.temp / "tokenizer" / source.name)
                 tokenizer_hashes[source.name] = _sha256_file(source)
-        fingerprint = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/{self.kind}".encode())
+        version = max(shard.get("format_version", 1) for shard in self.shards)
+        fingerprint = hashlib.sha256(f"{FORMAT_NAME}/{version}/{self.kind}".encode())
         for shard in self.shards:
             fingerprint.update(f"{shard['tokens_sha256']}{shard['index_sha256']}".encode())
         metadata = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "kind": self.kind,
             "num_documents": sum(s["num_documents"] for s in self.shards),
             "num_tokens": sum(s["num_tokens"] for s in self.shards),
@@ -305,7 +339,9 @@ class _Shard:
         _check_size(self.tokens_path, len(tokens_map), HEADER_BYTES + num_tokens * dtype.itemsize)
         self.tokens = np.frombuffer(tokens_map, dtype, num_tokens, HEADER_BYTES)  # (T,)
         index_map = _map(self.index_path, INDEX_MAGIC, INDEX_HEADER.size)
-        _, version, flags, num_docs, index_tokens, num_spans = INDEX_HEADER.unpack_from(index_map)
+        _, version, flags, num_docs, index_tokens, num_spans, num_responses = INDEX_HEADER.unpack_from(
+            index_map
+        )
         _check_version(self.index_path, version)
         if index_tokens != num_tokens:
             raise UnitrainError(
@@ -316,6 +352,8 @@ class _Shard:
             sizes += [(num_docs + 1) * 8, _pad8(num_spans * 8)]
         if flags & FLAG_PREFERENCE:
             sizes.append(_pad8(num_docs * 8))
+        if flags & FLAG_GROUPS:
+            sizes += [(num_docs + 1) * 8, _pad8(num_responses * 4), _pad8(num_responses * 4)]
         _check_size(self.index_path, len(index_map), HEADER_BYTES + sum(sizes))
         offset = HEADER_BYTES
         self.offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
@@ -326,6 +364,7 @@ class _Shard:
                 f"{self.index_path}: document offsets do not add up to the {num_tokens} tokens"
             )
         self.span_offsets = self.span_table = self.preference = None
+        self.group_offsets = self.response_begins = self.scores = None
         if flags & FLAG_LOSS_SPANS:
             self.span_offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
             self.span_table = np.frombuffer(index_map, "<i4", num_spans * 2, offset + sizes[1]).reshape(-1, 2)
@@ -336,9 +375,14 @@ class _Shard:
             chosen, rejected = self.preference[:, 0], self.preference[:, 1]
             if ((chosen < 0) | (chosen >= rejected) | (rejected >= self.lengths)).any():
                 raise UnitrainError(f"{self.index_path}: preference spans out of range")
-        if (kind == "preference") != (self.preference is not None) or (kind == "sft") != (
-            self.span_table is not None
-        ):
+        if flags & FLAG_GROUPS:
+            self.group_offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
+            offset += sizes[-3]
+            self.response_begins = np.frombuffer(index_map, "<i4", num_responses, offset)  # (R,)
+            self.scores = np.frombuffer(index_map, "<f4", num_responses, offset + sizes[-2])  # (R,)
+            self._check_groups(num_responses)
+        preference = self.preference is not None or self.group_offsets is not None
+        if (kind == "preference") != preference or (kind == "sft") != (self.span_table is not None):
             raise UnitrainError(
                 f"{self.index_path}: span sections (flags {flags}) do not match kind {kind!r}"
             )
@@ -348,6 +392,23 @@ class _Shard:
         ):
             raise UnitrainError(f"{self.index_path}: counts differ from metadata.json")
         self._maps = (tokens_map, index_map)
+
+    def _check_groups(self, num_responses: int) -> None:
+        """Every group: ≥ 2 responses, each non-empty and inside its document, back to back; finite scores."""
+        counts = np.diff(self.group_offsets)  # (n,)
+        if self.group_offsets[0] != 0 or self.group_offsets[-1] != num_responses or (counts < 2).any():
+            raise UnitrainError(
+                f"{self.index_path}: group offsets do not add up to {num_responses} responses of ≥ 2 per group"
+            )
+        begins = self.response_begins
+        lengths = np.repeat(self.lengths, counts)  # (R,) length of each response's document
+        last = np.zeros(num_responses, dtype=bool)
+        last[self.group_offsets[1:] - 1] = True  # the last response of each group ends its document
+        ends = np.where(last, lengths, np.roll(begins, -1))
+        if ((begins < 0) | (begins >= ends)).any():
+            raise UnitrainError(f"{self.index_path}: group response spans out of range")
+        if not np.isfinite(self.scores).all():
+            raise UnitrainError(f"{self.index_path}: a group score is not finite")
 
     def _check_loss_spans(self, num_spans: int) -> None:
         counts = np.diff(self.span_offsets)  # (n,)
@@ -440,6 +501,11 @@ class GPTMemmapDataset:
         if shard.preference is not None:
             chosen, rejected = (int(v) for v in shard.preference[local])
             return GPTSample(token_ids, chosen_span=(chosen, rejected), rejected_span=(rejected, end - begin))
+        if shard.group_offsets is not None:
+            first, stop = int(shard.group_offsets[local]), int(shard.group_offsets[local + 1])
+            begins = shard.response_begins[first:stop].astype(np.int64)  # (N,)
+            spans = np.stack([begins, np.append(begins[1:], end - begin)], axis=1)  # (N, 2)
+            return GPTSample(token_ids, response_spans=spans, scores=shard.scores[first:stop])
         if shard.span_table is not None:
             spans = shard.span_table[shard.span_offsets[local] : shard.span_offsets[local + 1]]  # (k, 2)
             return GPTSample(token_ids, loss_masking_spans=spans)
