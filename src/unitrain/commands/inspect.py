@@ -22,7 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def decode_sample(sample, decode) -> dict:
-    """A sample as decoded text pieces: prompt/chosen/rejected, or text with its (masked) spans."""
+    """A sample as decoded text pieces: prompt/chosen/rejected, prompt/responses with scores, or text with its
+    (masked) spans."""
+    if sample.is_group:
+        return {
+            "prompt": decode(sample.prompt_ids),
+            "responses": [decode(sample.response_ids(k)) for k in range(len(sample.scores))],
+            "scores": sample.scores.tolist(),
+            "response_spans": sample.response_spans.tolist(),
+        }
     if sample.is_preference:
         return {
             "prompt": decode(sample.prompt_ids),
@@ -88,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
     for index in indices:
         sample = dataset[index]
         print(f"\n=== document {index} ({len(sample.token_ids)} tokens)")
-        if sample.is_preference:
+        if sample.is_group:
+            print(f"--- prompt ({len(sample.prompt_ids)} tokens)\n{decode(sample.prompt_ids)}")
+            for number, score in enumerate(sample.scores.tolist()):
+                ids = sample.response_ids(number)
+                print(f"--- response {number}, score {score:g} ({len(ids)} tokens)\n{decode(ids)}")
+        elif sample.is_preference:
             for name, ids in (
                 ("prompt", sample.prompt_ids),
                 ("chosen", sample.chosen_ids),

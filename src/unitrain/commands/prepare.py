@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json")
     parser.add_argument("--output", help="dataset directory to create")
-    parser.add_argument("--mode", choices=["auto", "text", "sft", "preference", "conversation"])
+    parser.add_argument("--mode", choices=["auto", "text", "sft", "preference", "conversation", "groups"])
     parser.add_argument("--workers", type=int, help="tokenizer processes (output identical for any number)")
     parser.add_argument(
         "--max-length", dest="max_length", type=int, help="truncate / split / drop beyond this"

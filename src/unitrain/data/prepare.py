@@ -25,12 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unitrain.data.inputs import Unit, read_unit, resolve_units, signature
 from unitrain.data.memmap import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, DatasetWriter
-from unitrain.data.sources import FIELDS, RowError, detect_schema, parse_row
+from unitrain.data.sources import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
 from unitrain.data.tokenize import TextTokenizer
 from unitrain.data.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
 from unitrain.errors import UnitrainError
 
-KIND_OF_SCHEMA = {"text": "pretraining", "sft": "sft", "preference": "preference", "implicit": "preference"}
+KIND_OF_SCHEMA = {
+    "text": "pretraining",
+    "sft": "sft",
+    "preference": "preference",
+    "implicit": "preference",
+    "groups": "preference",
+}
 POLL_SECONDS = 0.5
 
 
@@ -44,7 +50,7 @@ class PrepareConfig(BaseModel):
     )
     tokenizer: str = Field(description="tokenizer directory or tokenizer.json file")
     output: str = Field(description="dataset directory to create")
-    mode: Literal["auto", "text", "sft", "preference", "conversation"] = Field(
+    mode: Literal["auto", "text", "sft", "preference", "conversation", "groups"] = Field(
         "auto", description="input schema; auto detects it from the first row's fields"
     )
     workers: int = Field(1, ge=1, description="tokenizer processes; the output is identical for any number")
@@ -66,7 +72,7 @@ class PrepareConfig(BaseModel):
         unknown = set(self.fields) - set(FIELDS)
         if unknown:
             raise UnitrainError(f"unknown field name(s) {sorted(unknown)}; known: {', '.join(FIELDS)}")
-        return {name: self.fields.get(name, name) for name in FIELDS}
+        return {name: self.fields.get(name, default) for name, default in FIELD_DEFAULTS.items()}
 
     @property
     def inputs(self) -> list[str]:
@@ -208,6 +214,9 @@ def _assemble(
         "dropped": dict(sorted(total.dropped.items())),
         "dropped_examples": dict(sorted(total.examples.items())),
         "truncated_pairs": total.counters.truncated_pairs,
+        "truncated_groups": total.counters.truncated_groups,
+        "duplicate_responses": total.counters.duplicate_responses,
+        "skipped_responses": total.counters.skipped_responses,
         "split_documents": total.counters.split_documents,
         "split_extra_pieces": total.counters.extra_pieces,
         "ignored_loss_masking_spans": total.counters.ignored_spans,
@@ -288,6 +297,14 @@ def summary(report: dict, output: str) -> str:
         )
     if report["truncated_pairs"]:
         lines.append(f"  truncated {report['truncated_pairs']:,} pairs to max_length")
+    if report.get("truncated_groups"):
+        lines.append(f"  truncated the responses of {report['truncated_groups']:,} groups to max_length")
+    if report.get("duplicate_responses"):
+        lines.append(
+            f"  left out {report['duplicate_responses']:,} duplicate responses (same tokens; first kept)"
+        )
+    if report.get("skipped_responses"):
+        lines.append(f"  left out {report['skipped_responses']:,} null or empty responses of groups")
     if report["split_documents"]:
         lines.append(f"  split {report['split_documents']:,} documents longer than max_length")
     if report["ignored_loss_masking_spans"]:

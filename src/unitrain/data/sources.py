@@ -19,8 +19,26 @@ from dataclasses import dataclass
 
 from unitrain.errors import UnitrainError
 
-MODES = ("auto", "text", "sft", "preference", "conversation")
-FIELDS = ("text", "prompt", "chosen", "rejected", "loss_masking_spans", "messages")
+MODES = ("auto", "text", "sft", "preference", "conversation", "groups")
+FIELDS = (
+    "text",
+    "prompt",
+    "chosen",
+    "rejected",
+    "loss_masking_spans",
+    "messages",
+    "completions",
+    "responses",
+    "scores",
+    "completion_text",
+    "completion_score",
+)
+# the input column of each schema field unless renamed: its own name, but for the keys inside a completion
+FIELD_DEFAULTS = {
+    **{name: name for name in FIELDS},
+    "completion_text": "response",
+    "completion_score": "overall_score",
+}
 ASSISTANT_MARKER = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 
@@ -42,6 +60,8 @@ class Document:
     segments: list[str]
     roles: list[str]
     ignored_spans: bool = False  # the row had loss_masking_spans that this schema ignores
+    scores: list[float] | None = None  # a group: one score per response segment
+    skipped_responses: int = 0  # a group: null or empty responses left out
 
 
 # ---------------------------------------------------------------- rows
@@ -69,12 +89,14 @@ def parse_row(raw: bytes | dict) -> dict:
 
 
 def detect_schema(row: dict, mode: str, fields: dict[str, str]) -> str:
-    """The schema of a dataset from its first row: text | sft | preference | implicit | conversation."""
+    """The schema of a dataset from its first row: text | sft | preference | implicit | conversation | groups."""
     present = {name for name in FIELDS if fields[name] in row}
     lists = {name for name in present if isinstance(row[fields[name]], list)}
     prompt_present = "prompt" in present or "text" in present
     if mode == "auto":
-        if "messages" in present or {"chosen", "rejected"} & lists:
+        if group_shape(row, fields) is not None:
+            mode = "groups"
+        elif "messages" in present or {"chosen", "rejected"} & lists:
             mode = "conversation"
         elif {"chosen", "rejected"} <= present:
             mode = "preference"
@@ -92,7 +114,19 @@ def detect_schema(row: dict, mode: str, fields: dict[str, str]) -> str:
     return mode
 
 
-def _string(row: dict, fields: dict[str, str], name: str, allow_empty: bool = True) -> str:
+def group_shape(row: dict, fields: dict[str, str]) -> str | None:
+    """`completions`, `responses` or `rejected_list` when the row ranks several responses, else None."""
+    if isinstance(row.get(fields["completions"]), list):
+        return "completions"
+    if isinstance(row.get(fields["responses"]), list):
+        return "responses"
+    rejected = row.get(fields["rejected"])
+    if isinstance(rejected, list) and rejected and not isinstance(rejected[0], dict):
+        return "rejected_list"  # a list of texts or of message lists (a list of dicts is one message list)
+    return None
+
+
+def string_field(row: dict, fields: dict[str, str], name: str, allow_empty: bool = True) -> str:
     key = fields[name]
     if key not in row:
         raise RowError("missing_field", key, "field is missing")
@@ -170,10 +204,15 @@ def _sft_segments(text: str, spans: list[tuple[int, int]]) -> tuple[list[str], l
     return segments, roles
 
 
-def _messages(row: dict, key: str) -> list[dict]:
+def message_list(row: dict, key: str) -> list[dict]:
     value = row.get(key)
     if value is None:
         raise RowError("missing_field" if key not in row else "null_field", key, "field is missing or null")
+    return checked_messages(value, key)
+
+
+def checked_messages(value, key: str) -> list[dict]:
+    """`value` as a validated list of {role, content} messages; `key` names it in errors."""
     if not isinstance(value, list) or not value:
         raise RowError("bad_messages", key, "expected a non-empty list of {role, content} messages")
     for number, message in enumerate(value):
@@ -189,7 +228,7 @@ def _messages(row: dict, key: str) -> list[dict]:
     return value
 
 
-def _row_render(render: Callable[..., str], field: str) -> Callable[..., str]:
+def row_render(render: Callable[..., str], field: str) -> Callable[..., str]:
     """`render` whose template errors on this row's messages (e.g. a template that refuses system turns)
     become a counted row error instead of ending the whole run."""
 
@@ -207,9 +246,9 @@ def _row_render(render: Callable[..., str], field: str) -> Callable[..., str]:
 def _conversation(
     row: dict, fields: dict[str, str], render: Callable[..., str]
 ) -> tuple[list[str], list[str]]:
-    render = _row_render(render, fields["messages"] if fields["messages"] in row else fields["chosen"])
+    render = row_render(render, fields["messages"] if fields["messages"] in row else fields["chosen"])
     if fields["messages"] in row:
-        messages = _messages(row, fields["messages"])
+        messages = message_list(row, fields["messages"])
         if messages[-1]["role"] != "assistant" or not any(m["role"] == "assistant" for m in messages):
             raise RowError(
                 "bad_role_order", fields["messages"], "the conversation must end with an assistant turn"
@@ -230,32 +269,39 @@ def _conversation(
             segments.append(full[cursor:])
             roles.append("masked")
         return segments, roles
-    chosen = _messages(row, fields["chosen"])
-    rejected = _messages(row, fields["rejected"])
+    conversations = [message_list(row, fields["chosen"]), message_list(row, fields["rejected"])]
+    segments = split_conversations(row, fields, render, conversations, fields["chosen"])
+    return segments, ["prompt", "chosen", "rejected"]
+
+
+def split_conversations(
+    row: dict, fields: dict[str, str], render: Callable[..., str], conversations: list[list[dict]], field: str
+) -> list[str]:
+    """[prompt text, response text, ...] of message lists that share their leading messages (the prompt): the
+    prompt is rendered with the generation prompt, each response is the rest of its rendered conversation."""
     prompt = row.get(fields["prompt"])
     if isinstance(prompt, str):
         # A text prompt beside message lists: the user turn before responses-only lists, or a copy of the first
         # user turn of whole conversations (as in UltraFeedback-style data), which then already hold it.
-        if chosen[0]["role"] == "assistant" or rejected[0]["role"] == "assistant":
+        if any(conversation[0]["role"] == "assistant" for conversation in conversations):
             user = [{"role": "user", "content": prompt}]
-            chosen, rejected = user + chosen, user + rejected
+            conversations = [user + conversation for conversation in conversations]
     elif fields["prompt"] in row:
-        prompt = _messages(row, fields["prompt"])
-        chosen, rejected = prompt + chosen, prompt + rejected
+        prompt = message_list(row, fields["prompt"])
+        conversations = [prompt + conversation for conversation in conversations]
+    first, shortest = conversations[0], min(len(conversation) for conversation in conversations)
     shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+    while shared < shortest - 1 and all(c[shared] == first[shared] for c in conversations[1:]):
         shared += 1
-    while shared > 0 and chosen[shared - 1]["role"] != "user":  # the prompt ends with a user turn
+    while shared > 0 and first[shared - 1]["role"] != "user":  # the prompt ends with a user turn
         shared -= 1
     if shared == 0:
-        raise RowError(
-            "no_shared_prompt", fields["chosen"], "no shared prompt messages ending in a user turn"
-        )
-    prompt_text = render(chosen[:shared], add_generation_prompt=True)
-    texts = [render(chosen, add_generation_prompt=False), render(rejected, add_generation_prompt=False)]
+        raise RowError("no_shared_prompt", field, "no shared prompt messages ending in a user turn")
+    prompt_text = render(first[:shared], add_generation_prompt=True)
+    texts = [render(conversation, add_generation_prompt=False) for conversation in conversations]
     if not all(text.startswith(prompt_text) for text in texts):
-        raise RowError("template_not_prefix_stable", fields["chosen"], "the rendered prompt is not a prefix")
-    return [prompt_text] + [text[len(prompt_text) :] for text in texts], ["prompt", "chosen", "rejected"]
+        raise RowError("template_not_prefix_stable", field, "the rendered prompt is not a prefix")
+    return [prompt_text] + [text[len(prompt_text) :] for text in texts]
 
 
 def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], render=None) -> Document:
@@ -263,19 +309,23 @@ def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], rend
     if schema == "text":
         # spans on a row of a dataset detected as plain text (from its first row) are counted, not lost silently
         ignored = row.get(fields["loss_masking_spans"]) is not None
-        return Document(row_index, [_string(row, fields, "text", allow_empty=False)], ["plain"], ignored)
+        return Document(row_index, [string_field(row, fields, "text", allow_empty=False)], ["plain"], ignored)
     if schema == "sft":
-        text = _string(row, fields, "text", allow_empty=False)
+        text = string_field(row, fields, "text", allow_empty=False)
         segments, roles = _sft_segments(text, _char_spans(row, fields, len(text)))
         return Document(row_index, segments, roles)
     if schema == "conversation":
         segments, roles = _conversation(row, fields, render)
         return Document(row_index, segments, roles)
-    chosen = _string(row, fields, "chosen", allow_empty=False)
-    rejected = _string(row, fields, "rejected", allow_empty=False)
+    if schema == "groups":
+        from unitrain.data.group_rows import extract_group
+
+        return extract_group(row_index, row, fields, render)
+    chosen = string_field(row, fields, "chosen", allow_empty=False)
+    rejected = string_field(row, fields, "rejected", allow_empty=False)
     if schema == "preference":
         name = "text" if fields["text"] in row and fields["prompt"] not in row else "prompt"
-        prompt = _string(row, fields, name)
+        prompt = string_field(row, fields, name)
     else:
         if chosen == rejected:
             raise RowError("identical_responses", fields["rejected"], "chosen and rejected are the same text")

@@ -141,6 +141,9 @@ class Counters:
     truncated_pairs: int = 0
     split_documents: int = 0
     extra_pieces: int = 0
+    truncated_groups: int = 0
+    duplicate_responses: int = 0  # dropped from their group (as tokens; the first occurrence is kept)
+    skipped_responses: int = 0  # null, empty or token-less responses left out of their group
     ignored_spans: int = 0  # rows whose loss_masking_spans the schema ignores
     ignored_span_rows: list[int] = field(default_factory=list)  # the first few of them
 
@@ -153,6 +156,9 @@ class Counters:
         self.truncated_pairs += other.truncated_pairs
         self.split_documents += other.split_documents
         self.extra_pieces += other.extra_pieces
+        self.truncated_groups += other.truncated_groups
+        self.duplicate_responses += other.duplicate_responses
+        self.skipped_responses += other.skipped_responses
         self.ignored_spans += other.ignored_spans
         self.ignored_span_rows = (self.ignored_span_rows + other.ignored_span_rows)[:FIRST_ROWS_KEPT]
 
@@ -169,8 +175,13 @@ def to_samples(
         cursor += len(document.segments)
         if document.ignored_spans:
             counters.ignore_spans(document.row)
+        counters.skipped_responses += document.skipped_responses
         try:
-            if kind == "preference":
+            if document.scores is not None:
+                results.append(
+                    (document.row, _group(pieces, document.scores, tokenizer, max_length, counters))
+                )
+            elif kind == "preference":
                 results.append((document.row, _preference(pieces, tokenizer, max_length, counters)))
             else:
                 results += [
@@ -186,25 +197,37 @@ def _with_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids if ids and ids[-1] == eos_id else ids + [eos_id]
 
 
-def _preference(
-    pieces: list[list[int]], tokenizer: TextTokenizer, max_length, counters: Counters
-) -> GPTSample:
-    prompt, chosen, rejected = pieces
+def _prompt_ids(prompt: list[int], tokenizer: TextTokenizer) -> list[int]:
     bos = tokenizer.bos_id
     if bos is not None and prompt[:1] != [bos]:
         prompt = [bos] + prompt
     if not prompt:
         raise RowError("empty_prompt", "prompt", "the prompt has no tokens (and the tokenizer has no BOS)")
+    return prompt
+
+
+def _room(prompt: list[int], longest: int, max_length) -> int | None:
+    """Tokens left for each response when prompt + the longest response exceed `max_length`, else None."""
+    if max_length is None or len(prompt) + longest <= max_length:
+        return None
+    if max_length - len(prompt) < 1:
+        raise RowError(
+            "prompt_too_long", "prompt", f"{len(prompt)} prompt tokens leave no room in {max_length}"
+        )
+    return max_length - len(prompt)
+
+
+def _preference(
+    pieces: list[list[int]], tokenizer: TextTokenizer, max_length, counters: Counters
+) -> GPTSample:
+    prompt, chosen, rejected = pieces
+    prompt = _prompt_ids(prompt, tokenizer)
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if not ids:
             raise RowError("empty_response", name, "the response has no tokens")
     chosen, rejected = _with_eos(chosen, tokenizer.eos_id), _with_eos(rejected, tokenizer.eos_id)
-    if max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > max_length:
-        room = max_length - len(prompt)
-        if room < 1:
-            raise RowError(
-                "prompt_too_long", "prompt", f"{len(prompt)} prompt tokens leave no room in {max_length}"
-            )
+    room = _room(prompt, max(len(chosen), len(rejected)), max_length)
+    if room is not None:
         chosen, rejected = chosen[:room], rejected[:room]
         counters.truncated_pairs += 1
     if chosen == rejected:
@@ -212,6 +235,35 @@ def _preference(
     token_ids = np.array(prompt + chosen + rejected, np.int64)  # (P + C + R,)
     split = len(prompt) + len(chosen)
     return GPTSample(token_ids, chosen_span=(len(prompt), split), rejected_span=(split, len(token_ids)))
+
+
+def _group(
+    pieces: list[list[int]], scores: list[float], tokenizer: TextTokenizer, max_length, counters: Counters
+) -> GPTSample:
+    """prompt + N responses → a group sample; responses without tokens are skipped, duplicates (as tokens, after
+    truncation) keep their first occurrence, and a group needs ≥ 2 responses and two different scores."""
+    prompt = _prompt_ids(pieces[0], tokenizer)
+    responses = [(_with_eos(ids, tokenizer.eos_id), score) for ids, score in zip(pieces[1:], scores) if ids]
+    counters.skipped_responses += len(scores) - len(responses)
+    room = _room(prompt, max((len(ids) for ids, _ in responses), default=0), max_length)
+    if room is not None:
+        responses = [(ids[:room], score) for ids, score in responses]
+        counters.truncated_groups += 1
+    unique: dict[tuple[int, ...], float] = {}
+    for ids, score in responses:
+        unique.setdefault(tuple(ids), score)
+    counters.duplicate_responses += len(responses) - len(unique)
+    if len(unique) < 2:
+        raise RowError("too_few_responses", "responses", f"{len(unique)} distinct responses with tokens")
+    if len(set(unique.values())) < 2:
+        raise RowError("equal_scores", "scores", "every response has the same score: no preference to learn")
+    lengths = [len(prompt)] + [len(ids) for ids in unique]
+    bounds = np.cumsum(lengths)  # (N + 1,) prompt end, then each response's end
+    return GPTSample(
+        np.array(prompt + [token for ids in unique for token in ids], np.int64),  # (P + ΣR,)
+        response_spans=np.stack([bounds[:-1], bounds[1:]], axis=1),  # (N, 2)
+        scores=np.array(list(unique.values()), np.float32),  # (N,)
+    )
 
 
 def _document(
