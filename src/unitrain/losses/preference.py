@@ -30,7 +30,11 @@ LOSSES = (
     "simpo",
     "orpo",
     "sft",
+    "plackett_luce",
 )
+GROUP_LOSSES = (
+    "plackett_luce",
+)  # listwise: one value per group, averaged over the groups of the global batch
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")  # the losses that read label_smoothing
 
 
@@ -185,8 +189,15 @@ def preference_losses(
             return -beta * F.logsigmoid(log_odds)
         return -policy[:, 0] / chosen_tokens_per_pair  # sft
 
-    components = {name: per_pair(name) for name in config.losses}
-    losses = sum(weight * components[name] for name, weight in zip(config.losses, config.weights))
+    components = {name: per_pair(name) for name in config.losses if name not in GROUP_LOSSES}
+    losses = sum(
+        (
+            weight * components[name]
+            for name, weight in zip(config.losses, config.weights)
+            if name in components
+        ),
+        start=torch.zeros_like(delta),
+    )
     chosen_rewards = beta * chosen_ratio.detach()  # (P,)
     rejected_rewards = beta * rejected_ratio.detach()  # (P,)
     metrics = {
@@ -198,3 +209,37 @@ def preference_losses(
         "logps/rejected": policy[:, 1].detach(),
     }
     return PreferenceOutput(losses, chosen_rewards, rejected_rewards, metrics)
+
+
+def plackett_luce_losses(
+    rewards: torch.Tensor, response_group: torch.Tensor, response_score: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """Per-group DPO loss under the Plackett–Luce ranking model: −log P(the scores' ranking | implicit rewards).
+
+    rewards (R,) β·(log π − log π_ref) of every response; response_group (R,) its group in [0, G); response_score
+    (R,). With responses ordered by score, tier t (equal scores) of remaining set S_t contributes
+    −Σ_{i∈t} [r_i − log Σ_{j∈S_t} exp(r_j)] (Breslow's treatment of ties; the last tier adds nothing). Without
+    ties this is the exact Plackett–Luce likelihood, and for two responses it is the sigmoid loss. Returns (G,).
+    """
+    losses = rewards.new_zeros(num_groups)
+    if rewards.numel() == 0:
+        return losses
+    by_score = torch.sort(-response_score, stable=True).indices  # (R,) best first
+    order = by_score[torch.sort(response_group[by_score], stable=True).indices]  # (R,) by group, then score
+    sizes = torch.bincount(response_group, minlength=num_groups)  # (G,)
+    starts = torch.cumsum(sizes, 0) - sizes  # (G,) first position of each group in `order`
+    for size in torch.unique(sizes).tolist():
+        if size < 2:
+            continue
+        groups = torch.nonzero(sizes == size).squeeze(1)  # (g,)
+        local = torch.arange(size, device=rewards.device)
+        picked = order[starts[groups][:, None] + local]  # (g, n) responses, best first
+        reward, score = rewards[picked], response_score[picked]  # (g, n)
+        remaining = torch.logcumsumexp(reward.flip(-1), dim=-1).flip(-1)  # (g, n) log Σ_{j ≥ k} exp(r_j)
+        new_tier = torch.ones_like(score, dtype=torch.bool)
+        new_tier[:, 1:] = score[:, 1:] != score[:, :-1]
+        tier_start = torch.where(new_tier, local, 0).cummax(dim=-1).values  # (g, n)
+        chosen_now = score != score[:, -1:]  # every tier but the last picks its members from what remains
+        terms = (reward - remaining.gather(1, tier_start)) * chosen_now  # (g, n)
+        losses = losses.index_put((groups,), -terms.sum(dim=-1))
+    return losses
