@@ -97,7 +97,9 @@ def test_columns_equal_counts_sample_by_sample(tmp_path):
         write_dataset(tmp_path / "sft", samples, "sft", vocab_size=300, max_shard_tokens=400)
     )
     assert dataset.sft_target_counts.tolist() == [len(sft_targets(s)[0]) for s in samples]
-    assert dataset.document_lengths.dtype == np.int32
+    assert dataset.document_lengths.dtype == np.int32 and len(dataset.metadata["shards"]) > 1
+    shuffled = rng.permutation(80)
+    assert dataset.lengths_of(shuffled).tolist() == dataset.document_lengths[shuffled].tolist()
     pairs = random_samples("preference", 30, 300, seed=3)
     dataset = GPTMemmapDataset(write_dataset(tmp_path / "pairs", pairs, "preference", vocab_size=300))
     assert dataset.preference_spans.tolist() == [[s.chosen_span[0], s.rejected_span[0]] for s in pairs]

@@ -515,6 +515,23 @@ class GPTMemmapDataset:
         that opening costs no memory per document."""
         return self._column("lengths", _Shard.lengths)
 
+    def lengths_of(self, indices: np.ndarray) -> np.ndarray:
+        """Lengths (n,) int64 of the documents `indices`, read from the mapped offsets: nothing kept per
+        document (the planner's path; `document_lengths` keeps a column)."""
+        indices = np.asarray(indices, np.int64)
+        if len(self._shards) == 1:
+            offsets = self._shards[0].offsets
+            return offsets[indices + 1] - offsets[indices]
+        shard = np.searchsorted(self._shard_starts, indices, side="right") - 1  # (n,)
+        order = np.argsort(shard.astype(np.int32), kind="stable")  # grouped by shard, one gather per shard
+        bounds = np.searchsorted(shard[order], np.arange(len(self._shards) + 1))
+        lengths = np.empty(len(indices), np.int64)
+        for k in np.flatnonzero(np.diff(bounds)):
+            at = order[bounds[k] : bounds[k + 1]]
+            local = indices[at] - self._shard_starts[k]
+            lengths[at] = self._shards[k].offsets[local + 1] - self._shards[k].offsets[local]
+        return lengths
+
     @property
     def preference_spans(self) -> np.ndarray:
         """(N, 2) int32 chosen begin, rejected begin of each pair (zero-copy for one shard); preference only."""

@@ -60,19 +60,25 @@ class PackingPlan:
 
 
 class _Columns:
-    """One dataset's per-document columns the costs need, read once per plan (lazy on the memmap reader)."""
+    """One dataset's per-document columns the costs need (lazy on the memmap reader, which reads lengths
+    straight from its mapped offsets)."""
 
     def __init__(self, dataset, objective: str) -> None:
-        self.lengths = dataset.document_lengths  # (N,)
+        self.dataset = dataset
         self.preference = dataset.preference_spans if dataset.kind == "preference" else None  # (N, 2)
         self.sft_targets = (
             dataset.sft_target_counts if objective == "sft" and self.preference is None else None
         )
 
+    def lengths(self, docs: np.ndarray) -> np.ndarray:
+        """Lengths (n,) int64 of the documents `docs`."""
+        read = getattr(self.dataset, "lengths_of", None)
+        return read(docs) if read is not None else self.dataset.document_lengths[docs].astype(np.int64)
+
 
 def _window_items(columns: _Columns, docs: np.ndarray, objective: str, mode: str, share_prompt: bool, S: int):
     """Items of the documents `docs` (in order): (document, part or None, cost, pairs, targets, chosen, tokens)."""
-    lengths = columns.lengths[docs].astype(np.int64)
+    lengths = columns.lengths(docs)
     zeros = np.zeros(len(docs), np.int64)
     if objective == "pretrain":
         if (lengths <= S).all():
@@ -103,11 +109,11 @@ def _window_items(columns: _Columns, docs: np.ndarray, objective: str, mode: str
     return docs, None, cost, np.ones(len(docs), np.int64), chosen + rejected, chosen, tokens
 
 
-def _extra_pieces(lengths: np.ndarray, indices: np.ndarray, S: int) -> int:
+def _extra_pieces(columns: _Columns, indices: np.ndarray, S: int) -> int:
     """Pieces beyond the first of the documents `indices` (pretraining splits a document longer than S)."""
     extra = 0
     for begin in range(0, len(indices), CHUNK):
-        chunk = lengths[indices[begin : begin + CHUNK]].astype(np.int64)
+        chunk = columns.lengths(indices[begin : begin + CHUNK])
         extra += int(np.maximum(-(-chunk // S) - 1, 0).sum())
     return extra
 
@@ -152,7 +158,7 @@ def _plan_source(columns, region, parts, count, *, offset, packing, S, window, b
         for c, column in enumerate(columns_of_rows):
             if rows and column.any():
                 counts[:, c] = np.add.reduceat(column[order], starts)
-        result.sizes.append(sizes[:rows].copy())
+        result.sizes.append(sizes[:rows].astype(np.int32))
         result.counts.append(counts)
         result.tokens += int(tokens.sum())
         write += len(order)
@@ -199,7 +205,7 @@ def build_plan(
         check_kind(dataset, objective)
         columns.append(_Columns(dataset, objective))
         repeats = -(-wanted // len(indices)) if len(indices) else 0
-        extra = repeats * _extra_pieces(columns[-1].lengths, indices, S) if objective == "pretrain" else 0
+        extra = repeats * _extra_pieces(columns[-1], indices, S) if objective == "pretrain" else 0
         regions.append((total, wanted + extra, wanted))
         total += wanted + extra
     items = np.empty(total, np.int64)
@@ -234,19 +240,22 @@ def build_plan(
         write += rows.written
     if bar is not None:
         bar.close()
-    sizes = np.concatenate([s for _, rows in planned for s in rows.sizes] or [np.zeros(0, np.int64)])
+    sizes = np.concatenate([s for _, rows in planned for s in rows.sizes] or [np.zeros(0, np.int32)])
     counts = np.concatenate([c for _, rows in planned for c in rows.counts] or [np.zeros((0, 3), np.int32)])
-    starts = np.cumsum(sizes) - sizes
-    if rng is not None:
+    starts = np.cumsum(sizes, dtype=np.int64) - sizes
+    if rng is not None:  # one array at a time: the rows' peak memory stays near one copy
         order = rng.permutation(len(sizes))
-        starts, sizes, counts = starts[order], sizes[order], counts[order]
+        starts = starts[order]
+        sizes = sizes[order]
+        counts = counts[order]
+        del order
     rows_total = len(sizes)
     batch_rows_per_row = 2 if objective == "dpo" and mode == "separate" else 1
     return PackingPlan(
         item_document=items[:write],
         item_part=None if parts is None else parts[:write],
-        row_start=starts.astype(np.int64),
-        row_items=sizes.astype(np.int32),
+        row_start=starts,
+        row_items=sizes,
         row_counts=counts,
         sequence_length=S,
         dropped=sum(rows.dropped for _, rows in planned),
