@@ -120,7 +120,7 @@ def _extra_pieces(columns: _Columns, indices: np.ndarray, S: int) -> int:
 
 @dataclass
 class _SourceRows:
-    sizes: list  # per window: (rows,) int64 items per row
+    sizes: list  # per window: (rows,) int32 items per row
     counts: list  # per window: (rows, 3) int32
     written: int
     dropped: int
@@ -242,6 +242,9 @@ def build_plan(
         bar.close()
     sizes = np.concatenate([s for _, rows in planned for s in rows.sizes] or [np.zeros(0, np.int32)])
     counts = np.concatenate([c for _, rows in planned for c in rows.counts] or [np.zeros((0, 3), np.int32)])
+    for _, rows in planned:  # the per-window pieces are copied: let them go before the shuffle
+        rows.sizes.clear()
+        rows.counts.clear()
     starts = np.cumsum(sizes, dtype=np.int64) - sizes
     if rng is not None:  # one array at a time: the rows' peak memory stays near one copy
         order = rng.permutation(len(sizes))
