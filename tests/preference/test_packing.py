@@ -221,7 +221,7 @@ def test_memmap_dataset_packs_like_the_in_memory_one(pairs_factory, list_dataset
     assert all((getattr(a, f) == getattr(b, f)).all() for f in ("input_ids", "segment", "target_positions"))
 
 
-def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
+def test_hh_rlhf_fills_at_least_99_percent_of_2048_and_4096_token_rows(
     hh_rlhf_path, gpt2_tokenizer_path, list_dataset
 ):
     import gzip
@@ -229,6 +229,7 @@ def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
 
     from tokenizers import Tokenizer
 
+    from unitrain.config import PackingSection
     from unitrain.data.sample import GPTSample
 
     tokenizer, eos = Tokenizer.from_file(str(gpt2_tokenizer_path)), 50256
@@ -251,8 +252,20 @@ def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
         samples.append(GPTSample(tokens, chosen_span=(p, p + c), rejected_span=(p + c, p + c + r)))
     dataset = list_dataset(samples, "preference")
     order = np.random.default_rng(0).permutation(len(dataset))
+    window = PackingSection.model_fields["window"].default
     for share_prompt in (True, False):
-        plan = plan_rows(
-            dataset, order, objective="dpo", mode="packed", share_prompt=share_prompt, sequence_length=2048
-        )
-        assert plan.dropped == 0 and plan.efficiency >= 0.98, (share_prompt, plan.efficiency)
+        for sequence_length in (2048, 4096):
+            plan = plan_rows(
+                dataset,
+                order,
+                objective="dpo",
+                mode="packed",
+                share_prompt=share_prompt,
+                sequence_length=sequence_length,
+                window=window,
+            )
+            assert plan.dropped == 0 and plan.efficiency >= 0.99, (
+                share_prompt,
+                sequence_length,
+                plan.efficiency,
+            )
