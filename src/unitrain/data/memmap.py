@@ -68,9 +68,8 @@ class _ShardWriter:
         self.lengths: list[int] = []  # documents from `add`, not yet in `batches`
         self.loss_spans: list[np.ndarray] = []
         self.preference_spans: list[tuple[int, int]] = []
-        self.batches: list[
-            tuple
-        ] = []  # (lengths (n,), span counts (n,), spans (m, 2), preference (n, 2)) arrays
+        # arrays of earlier documents, in order: (lengths (n,), span counts (n,), spans (m, 2), preference (n, 2))
+        self.batches: list[tuple] = []
         self.num_documents = 0
         self.num_tokens = 0
 
