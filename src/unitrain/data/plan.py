@@ -5,7 +5,7 @@ A plan is `item_document` (M,) int64 (a document id, offset by the sizes of the 
 every item is piece 0), and per row `row_start` (R,) int64 into the items, `row_items` (R,) int32 and
 `row_counts` (R, 3) int32 (pairs, targets, chosen-response targets: a step's global counts are a sum over a
 slice, known on every rank without communication). No Python object per document or row: 10⁸ documents cost
-~13 bytes each, and a step reads a slice.
+~14 bytes each (the plan file of a pretraining epoch), and a step reads a slice.
 
 Packing is exact best-fit decreasing (`plan_kernel.pack_window`) inside windows of `window` consecutive
 documents of the shuffled order; rows never span two windows. The trade-off: the only slots lost to windowing are
