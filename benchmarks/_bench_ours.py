@@ -32,7 +32,8 @@ def load(spec: Spec):
 
 
 def step_batch(spec: Spec, dataset, indices: np.ndarray, mode: str, share_prompt: bool):
-    from unitrain.data.packing import collate, plan_rows
+    from unitrain.data.packing import collate
+    from unitrain.data.plan import plan_rows
 
     plan = plan_rows(
         dataset,
@@ -44,7 +45,7 @@ def step_batch(spec: Spec, dataset, indices: np.ndarray, mode: str, share_prompt
     )
     if plan.dropped:
         raise RuntimeError(f"{plan.dropped} pairs do not fit sequence_length={spec.sequence_length}")
-    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+    batch = collate(dataset, plan, range(len(plan)), objective="dpo", mode=mode, share_prompt=share_prompt)
     return batch.to(spec.device)
 
 

@@ -83,6 +83,12 @@ class PackingSection(Section):
     sequence_length: int = Field(
         1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
     )
+    window: int = Field(
+        65536,
+        gt=0,
+        description="Documents (or pairs) of the shuffled epoch packed together by exact best fit; rows never "
+        "span two windows. Larger: fuller rows, more memory while planning; measured fill in docs/BENCHMARKS.md.",
+    )
 
 
 class BatchSection(Section):

@@ -36,12 +36,19 @@ def random_documents(count: int, seed: int, length=(1, 30), spans: bool = False)
 
 
 class ListDataset:
-    """In-memory stand-in with the dataset interface packing needs (len, [i], document_lengths, kind)."""
+    """In-memory stand-in with the dataset interface packing needs (len, [i], kind and the per-document columns
+    `document_lengths`, `preference_spans`, `sft_target_counts`, here counted sample by sample)."""
 
     def __init__(self, samples: list[GPTSample], kind: str) -> None:
+        from unitrain.data.packing import sft_targets
+
         self.samples = samples
         self.kind = kind
         self.document_lengths = np.array([len(s.token_ids) for s in samples], dtype=np.int64)
+        self.preference_spans = np.array(
+            [(s.chosen_span[0], s.rejected_span[0]) if s.is_preference else (0, 0) for s in samples], np.int32
+        ).reshape(-1, 2)
+        self.sft_target_counts = np.array([len(sft_targets(s)[0]) for s in samples], np.int64)
         self.fingerprint = f"list-{len(samples)}-{int(self.document_lengths.sum())}"
 
     def __len__(self) -> int:
@@ -80,11 +87,12 @@ def memmap_pairs(tmp_path):
 
 def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64):
     """Every pair of `dataset` planned and collated into one DPO batch."""
-    from unitrain.data.packing import collate, plan_rows
+    from unitrain.data.packing import collate
+    from unitrain.data.plan import plan_rows
 
     layout = {"objective": "dpo", "mode": mode, "share_prompt": share_prompt}
     plan = plan_rows(dataset, range(len(dataset)), sequence_length=sequence_length, **layout)
-    return collate(dataset, plan.rows, **layout)
+    return collate(dataset, plan, range(len(plan)), **layout)
 
 
 def build_tiny_model(seed: int = 0):

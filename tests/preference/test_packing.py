@@ -8,10 +8,26 @@ import numpy as np
 import pytest
 
 from unitrain.data.batch import RESPONSE_CHOSEN, SEGMENT_CHOSEN, SEGMENT_REJECTED
-from unitrain.data.packing import collate, plan_rows
+from unitrain.data.packing import collate
+from unitrain.data.plan import plan_rows
 from unitrain.errors import UnitrainError
 
 LAYOUTS = [(m, s) for m, s in itertools.product(("separate", "pair", "packed"), (True, False))]
+
+
+def pieces(plan, dataset) -> list[np.ndarray]:
+    """Each planned row as an (items, 3) array of (document, begin, end) token ranges."""
+    S = plan.sequence_length
+    return [
+        np.array(
+            [(d, p * S, min((p + 1) * S, int(dataset.document_lengths[d]))) for d, p in plan.row(r)], np.int64
+        ).reshape(-1, 3)
+        for r in range(len(plan))
+    ]
+
+
+def collate_all(dataset, plan, **layout):
+    return collate(dataset, plan, range(len(plan)), **layout)
 
 
 def visible(batch, flat_slot: int):
@@ -34,8 +50,8 @@ def test_each_target_sees_its_standalone_prompt_and_response_prefix(
     plan = plan_rows(
         dataset, range(23), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=40
     )
-    assert plan.dropped == 0 and len({int(i) for row in plan.rows for i in row[:, 0]}) == 23
-    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
+    assert plan.dropped == 0 and len({int(i) for row in pieces(plan, dataset) for i in row[:, 0]}) == 23
+    batch = collate_all(dataset, plan, objective="dpo", mode=mode, share_prompt=share_prompt)
     assert sorted(batch.pair_index.tolist()) == list(range(23))
     seen = {}
     for token, slot, pair, response in zip(
@@ -84,12 +100,14 @@ def test_packed_rows_match_a_naive_best_fit_decreasing(pairs_factory, list_datas
     order = np.random.default_rng(0).permutation(200)
     plan = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
     expected = naive_best_fit_decreasing([int(dataset.document_lengths[i]) for i in order], 64)
-    assert [row[:, 0].tolist() for row in plan.rows] == [[int(order[k]) for k in row] for row in expected]
+    assert [row[:, 0].tolist() for row in pieces(plan, dataset)] == [
+        [int(order[k]) for k in row] for row in expected
+    ]
     assert plan.dropped == int((dataset.document_lengths > 64).sum()) > 0
     assert plan.num_tokens == int(dataset.document_lengths[dataset.document_lengths <= 64].sum())
-    assert plan.efficiency == pytest.approx(plan.num_tokens / (len(plan.rows) * 64))
+    assert plan.efficiency == pytest.approx(plan.num_tokens / (len(plan) * 64))
     again = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
-    assert all((a == b).all() for a, b in zip(plan.rows, again.rows))
+    assert all((a == b).all() for a, b in zip(pieces(plan, dataset), pieces(again, dataset)))
 
 
 @pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
@@ -106,11 +124,11 @@ def test_pairs_that_cannot_fit_a_row_are_dropped_and_counted(mode, share_prompt,
         dataset, range(30), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=20
     )
     assert 0 < plan.dropped == expected_drops
-    assert sum(len(row) for row in plan.rows) == 30 - expected_drops
-    batch = collate(dataset, plan.rows, objective="dpo", mode=mode, share_prompt=share_prompt)
-    assert batch.row_length <= 20 and batch.num_rows == len(plan.rows) * (2 if mode == "separate" else 1)
+    assert sum(len(row) for row in pieces(plan, dataset)) == 30 - expected_drops
+    batch = collate_all(dataset, plan, objective="dpo", mode=mode, share_prompt=share_prompt)
+    assert batch.row_length <= 20 and batch.num_rows == len(plan) * (2 if mode == "separate" else 1)
     if mode != "packed":
-        assert all(len(row) == 1 for row in plan.rows)
+        assert all(len(row) == 1 for row in pieces(plan, dataset))
 
 
 def test_pretrain_splits_long_documents_and_targets_every_token_after_each_piece_start(
@@ -121,15 +139,15 @@ def test_pretrain_splits_long_documents_and_targets_every_token_after_each_piece
         dataset, range(15), objective="pretrain", mode="packed", share_prompt=True, sequence_length=16
     )
     assert plan.dropped == 0 and plan.num_tokens == int(dataset.document_lengths.sum())
-    batch = collate(dataset, plan.rows, objective="pretrain", mode="packed", share_prompt=True)
-    pieces = sorted((int(i), int(b), int(e)) for row in plan.rows for i, b, e in row)
+    batch = collate_all(dataset, plan, objective="pretrain", mode="packed", share_prompt=True)
+    planned = sorted((int(i), int(b), int(e)) for row in pieces(plan, dataset) for i, b, e in row)
     expected_pieces = sorted(
         (i, b, min(b + 16, n))
         for i, n in enumerate(dataset.document_lengths.tolist())
         for b in range(0, n, 16)
     )
-    assert pieces == expected_pieces
-    expected_targets = sorted(t for i, b, e in pieces for t in dataset[i].token_ids[b + 1 : e].tolist())
+    assert planned == expected_pieces
+    expected_targets = sorted(t for i, b, e in planned for t in dataset[i].token_ids[b + 1 : e].tolist())
     assert sorted(batch.target_tokens.tolist()) == expected_targets
     for token, slot in zip(batch.target_tokens.tolist(), batch.target_positions.tolist()):
         tokens, positions = visible(batch, slot)
@@ -146,9 +164,9 @@ def test_sft_excludes_masked_spans_and_drops_documents_longer_than_a_row(documen
         dataset, range(25), objective="sft", mode="packed", share_prompt=True, sequence_length=24
     )
     assert plan.dropped == sum(len(s.token_ids) > 24 for s in samples)
-    batch = collate(dataset, plan.rows, objective="sft", mode="packed", share_prompt=True)
+    batch = collate_all(dataset, plan, objective="sft", mode="packed", share_prompt=True)
     expected = []
-    for index in sorted(int(i) for row in plan.rows for i in row[:, 0]):
+    for index in sorted(int(i) for row in pieces(plan, dataset) for i in row[:, 0]):
         tokens, (begin, end) = dataset[index].token_ids, dataset[index].loss_masking_spans[0]
         expected += [int(tokens[j]) for j in range(1, len(tokens)) if not begin <= j < end]
     assert sorted(batch.target_tokens.tolist()) == sorted(expected)
@@ -165,7 +183,7 @@ def test_preference_data_for_sft_trains_prompt_plus_chosen_with_loss_on_chosen(p
     plan = plan_rows(
         dataset, range(10), objective="sft", mode="packed", share_prompt=True, sequence_length=64
     )
-    batch = collate(dataset, plan.rows, objective="sft", mode="packed", share_prompt=True)
+    batch = collate_all(dataset, plan, objective="sft", mode="packed", share_prompt=True)
     assert batch.num_tokens == sum(len(s.prompt_ids) + len(s.chosen_ids) for s in dataset.samples)
     assert sorted(batch.target_tokens.tolist()) == sorted(
         t for s in dataset.samples for t in s.chosen_ids.tolist()
@@ -197,24 +215,13 @@ def test_memmap_dataset_packs_like_the_in_memory_one(pairs_factory, list_dataset
     samples = pairs_factory(12, seed=7)
     on_disk, in_memory = memmap_pairs(samples), list_dataset(samples, "preference")
     kwargs = dict(objective="dpo", mode="packed", share_prompt=True, sequence_length=32)
-    a = collate(
-        on_disk,
-        plan_rows(on_disk, range(12), **kwargs).rows,
-        objective="dpo",
-        mode="packed",
-        share_prompt=True,
-    )
-    b = collate(
-        in_memory,
-        plan_rows(in_memory, range(12), **kwargs).rows,
-        objective="dpo",
-        mode="packed",
-        share_prompt=True,
-    )
+    layout = dict(objective="dpo", mode="packed", share_prompt=True)
+    a = collate_all(on_disk, plan_rows(on_disk, range(12), **kwargs), **layout)
+    b = collate_all(in_memory, plan_rows(in_memory, range(12), **kwargs), **layout)
     assert all((getattr(a, f) == getattr(b, f)).all() for f in ("input_ids", "segment", "target_positions"))
 
 
-def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
+def test_hh_rlhf_fills_at_least_99_percent_of_2048_and_4096_token_rows(
     hh_rlhf_path, gpt2_tokenizer_path, list_dataset
 ):
     import gzip
@@ -222,6 +229,7 @@ def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
 
     from tokenizers import Tokenizer
 
+    from unitrain.config import PackingSection
     from unitrain.data.sample import GPTSample
 
     tokenizer, eos = Tokenizer.from_file(str(gpt2_tokenizer_path)), 50256
@@ -244,8 +252,20 @@ def test_hh_rlhf_fills_at_least_98_percent_of_2048_token_rows(
         samples.append(GPTSample(tokens, chosen_span=(p, p + c), rejected_span=(p + c, p + c + r)))
     dataset = list_dataset(samples, "preference")
     order = np.random.default_rng(0).permutation(len(dataset))
+    window = PackingSection.model_fields["window"].default
     for share_prompt in (True, False):
-        plan = plan_rows(
-            dataset, order, objective="dpo", mode="packed", share_prompt=share_prompt, sequence_length=2048
-        )
-        assert plan.dropped == 0 and plan.efficiency >= 0.98, (share_prompt, plan.efficiency)
+        for sequence_length in (2048, 4096):
+            plan = plan_rows(
+                dataset,
+                order,
+                objective="dpo",
+                mode="packed",
+                share_prompt=share_prompt,
+                sequence_length=sequence_length,
+                window=window,
+            )
+            assert plan.dropped == 0 and plan.efficiency >= 0.99, (
+                share_prompt,
+                sequence_length,
+                plan.efficiency,
+            )

@@ -112,5 +112,5 @@ def test_iterate_batches_is_one_ordered_pass():
 
 def test_an_epoch_with_nothing_that_fits_is_refused():
     dataset = ListDataset(random_pairs(3, seed=47, prompt=(20, 20)), "preference")
-    with pytest.raises(UnitrainError, match="no rows"):
-        stream(dataset, sequence_length=10)
+    with pytest.raises(UnitrainError, match="no rows"):  # planned when first needed
+        stream(dataset, sequence_length=10).next_step()

@@ -161,14 +161,14 @@ def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_p
 
 
 def test_epochs_become_steps_and_blends_train(pretrain_data, sft_data, tmp_path, tiny_config):
-    from unitrain.data.packing import plan_rows
+    from unitrain.data.plan import plan_rows
 
     dataset = GPTMemmapDataset(pretrain_data)
     train_indices, _ = split_indices(len(dataset), 0.125, seed=0)
     rows = len(
         plan_rows(
             dataset, train_indices, objective="pretrain", mode="packed", share_prompt=True, sequence_length=64
-        ).rows
+        )
     )
     config = tiny_config(
         "pretrain", pretrain_data, tmp_path / "epochs", train={"max_steps": None, "epochs": 2}

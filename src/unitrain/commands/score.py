@@ -59,13 +59,17 @@ def _score(
     """Dataset index → (chosen logp, rejected logp, chosen tokens, rejected tokens); and the skipped count."""
     from tqdm import tqdm
 
-    from unitrain.data.packing import plan_rows
-    from unitrain.data.sampling import iterate_batches
+    from unitrain.data.packing import collate
+    from unitrain.data.plan import plan_rows
     from unitrain.train.reference import pair_logps_of
 
     plan = plan_rows(dataset, indices, **packing)
-    batches = iterate_batches(dataset, indices, micro_batch_size=batch_size, **packing)
-    total = -(-len(plan.rows) // batch_size)
+    layout = {name: packing[name] for name in ("objective", "mode", "share_prompt")}
+    batches = (
+        collate(dataset, plan, range(start, min(start + batch_size, len(plan))), **layout)
+        for start in range(0, len(plan), batch_size)
+    )
+    total = -(-len(plan) // batch_size)
     rows = {}
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc=f"scoring {role}", unit="batch", leave=False):

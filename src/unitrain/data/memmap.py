@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unitrain.data import columns
+from unitrain.data.bulk import check_batch
 from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
 
@@ -66,17 +68,21 @@ class _ShardWriter:
         self.kind = kind
         self.handle = open(self.tokens_path, "wb")
         self.handle.write(b"\0" * HEADER_BYTES)
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # documents from `add`, not yet in `batches`
         self.loss_spans: list[np.ndarray] = []
         self.preference_spans: list[tuple[int, int]] = []
         self.groups = False  # set by the first preference sample: a shard holds pairs or groups
-        self.response_begins: list[np.ndarray] = []
+        self.response_begins: list[np.ndarray] = []  # groups come one by one through `add`, never `add_batch`
         self.scores: list[np.ndarray] = []
+        # arrays of earlier documents, in order: (lengths (n,), span counts (n,), spans (m, 2), preference (n, 2))
+        self.batches: list[tuple] = []
+        self.num_documents = 0
         self.num_tokens = 0
 
     def add(self, sample: GPTSample) -> None:
         self.handle.write(np.ascontiguousarray(sample.token_ids, dtype=self.dtype).tobytes())
         self.lengths.append(len(sample.token_ids))
+        self.num_documents += 1
         self.num_tokens += len(sample.token_ids)
         if self.kind == "sft":
             spans = sample.loss_masking_spans
@@ -90,21 +96,45 @@ class _ShardWriter:
         elif self.kind == "preference":
             self.preference_spans.append((sample.chosen_span[0], sample.rejected_span[0]))
 
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray, span_counts, spans, preference) -> None:
+        """Documents already checked by `DatasetWriter.add_batch`, written with one call."""
+        self._flush()
+        self.handle.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))
+        self.batches.append((lengths, span_counts, spans, preference))
+        self.num_documents += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def _flush(self) -> None:
+        """Move the documents of `add` into `batches`, so that documents keep their order."""
+        if not self.lengths:
+            return
+        counts = np.array([len(s) for s in self.loss_spans], np.int64) if self.kind == "sft" else None
+        spans = np.concatenate(self.loss_spans).astype(np.int32) if self.kind == "sft" else None
+        preference = (
+            np.array(self.preference_spans, np.int32).reshape(-1, 2) if self.kind == "preference" else None
+        )
+        self.batches.append((np.array(self.lengths, np.int64), counts, spans, preference))
+        self.lengths, self.loss_spans, self.preference_spans = [], [], []
+
     def close(self) -> dict:
         version = GROUPS_VERSION if self.groups else 1
         self.handle.seek(0)
         self.handle.write(TOKENS_HEADER.pack(TOKENS_MAGIC, version, self.dtype_code, self.num_tokens))
         self.handle.close()
-        offsets = np.zeros(len(self.lengths) + 1, np.int64)  # (n + 1,)
-        np.cumsum(self.lengths, out=offsets[1:])
+        self._flush()
+
+        def column(k: int, shape: tuple) -> np.ndarray:
+            return np.concatenate([np.zeros(shape, np.int64)] + [batch[k] for batch in self.batches])
+
+        offsets = np.zeros(self.num_documents + 1, np.int64)  # (n + 1,)
+        np.cumsum(column(0, (0,)), out=offsets[1:])
         sections = [offsets.tobytes()]
         flags, num_spans, num_responses = 0, 0, 0
         if self.kind == "sft":
             flags |= FLAG_LOSS_SPANS
-            counts = np.array([len(s) for s in self.loss_spans], np.int64)
-            span_offsets = np.zeros(len(counts) + 1, np.int64)  # (n + 1,)
-            np.cumsum(counts, out=span_offsets[1:])
-            table = np.concatenate(self.loss_spans + [np.zeros((0, 2), np.int32)]).astype("<i4")  # (m, 2)
+            span_offsets = np.zeros(self.num_documents + 1, np.int64)  # (n + 1,)
+            np.cumsum(column(1, (0,)), out=span_offsets[1:])
+            table = column(2, (0, 2)).astype("<i4")  # (m, 2)
             num_spans = len(table)
             sections += [span_offsets.tobytes(), table.tobytes(), b"\0" * (-table.nbytes % 8)]
         if self.groups:
@@ -120,10 +150,10 @@ class _ShardWriter:
         elif self.kind == "preference":
             flags |= FLAG_PREFERENCE
             # (n, 2): chosen begin, rejected begin (chosen ends where rejected begins; rejected ends the document)
-            pairs = np.array(self.preference_spans, "<i4").reshape(-1, 2)
+            pairs = column(3, (0, 2)).astype("<i4")
             sections += [pairs.tobytes(), b"\0" * (-pairs.nbytes % 8)]
         header = INDEX_HEADER.pack(
-            INDEX_MAGIC, version, flags, len(self.lengths), self.num_tokens, num_spans, num_responses
+            INDEX_MAGIC, version, flags, self.num_documents, self.num_tokens, num_spans, num_responses
         )
         with open(self.index_path, "wb") as handle:
             handle.write(header.ljust(HEADER_BYTES, b"\0"))
@@ -131,7 +161,7 @@ class _ShardWriter:
                 handle.write(section)
         entry = {
             "name": self.name,
-            "num_documents": len(self.lengths),
+            "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,
             "tokens_bytes": self.tokens_path.stat().st_size,
             "index_bytes": self.index_path.stat().st_size,
@@ -230,6 +260,55 @@ class DatasetWriter:
         for suffix in (".tokens", ".index"):
             os.replace(directory / f"{entry['name']}{suffix}", self.temp / f"{name}{suffix}")
         self.shards.append({**entry, "name": name})
+
+    def add_batch(
+        self,
+        token_ids: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        loss_span_counts: np.ndarray | None = None,
+        loss_spans: np.ndarray | None = None,
+        preference_spans: np.ndarray | None = None,
+    ) -> None:
+        """Add many documents at once: `token_ids` (T,) every document back to back, `lengths` (n,) their sizes.
+
+        sft: `loss_span_counts` (n,) spans per document and `loss_spans` (m, 2) document-relative `[begin, end)`
+        token ranges excluded from the loss, in document order (both optional: no span). preference:
+        `preference_spans` (n, 2) chosen begin, rejected begin (chosen ends where rejected begins, rejected ends
+        the document). Every check is vectorized and a document is never split across shards; a bad batch
+        raises `ValueError` naming the first offending document of the batch and writes nothing.
+        """
+        if self.groups:
+            raise ValueError("add_batch writes pairs; a dataset of groups takes them one by one through add")
+        tokens = np.asarray(token_ids).reshape(-1)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        span_counts, spans, preference = check_batch(
+            self, tokens, lengths, loss_span_counts, loss_spans, preference_spans
+        )
+        ends = np.cumsum(lengths)  # (n,)
+        span_ends = None if span_counts is None else np.cumsum(span_counts)
+        first = 0
+        while first < len(lengths):
+            if self.current is None:
+                self.current = self._new_shard()
+            base = int(ends[first - 1]) if first else 0
+            room = self.max_shard_tokens - self.current.num_tokens
+            # like `add`: documents go in until the shard reaches max_shard_tokens, the last one whole
+            last = min(int(np.searchsorted(ends, base + room, side="left")) + 1, len(lengths))
+            span_range = slice(None)
+            if span_counts is not None:
+                span_range = slice(int(span_ends[first - 1]) if first else 0, int(span_ends[last - 1]))
+            self.current.add_batch(
+                tokens[base : int(ends[last - 1])],
+                lengths[first:last],
+                None if span_counts is None else span_counts[first:last],
+                None if spans is None else spans[span_range],
+                None if preference is None else preference[first:last],
+            )
+            if self.current.num_tokens >= self.max_shard_tokens:
+                self.shards.append(self.current.close())
+                self.current = None
+            first = last
 
     def _new_shard(self) -> _ShardWriter:
         shard = _ShardWriter(self.temp, f"shard-{len(self.shards):05d}", self.dtype_code, self.kind)
@@ -358,8 +437,9 @@ class _Shard:
         offset = HEADER_BYTES
         self.offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
         offset += sizes[0]
-        self.lengths = np.diff(self.offsets)  # (n,)
-        if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (self.lengths < 0).any():
+        self.num_documents = num_docs
+        self.num_tokens = num_tokens
+        if not columns.check_offsets(self.offsets, num_tokens):
             raise UnitrainError(
                 f"{self.index_path}: document offsets do not add up to the {num_tokens} tokens"
             )
@@ -373,7 +453,7 @@ class _Shard:
         if flags & FLAG_PREFERENCE:
             self.preference = np.frombuffer(index_map, "<i4", num_docs * 2, offset).reshape(-1, 2)  # (n, 2)
             chosen, rejected = self.preference[:, 0], self.preference[:, 1]
-            if ((chosen < 0) | (chosen >= rejected) | (rejected >= self.lengths)).any():
+            if ((chosen < 0) | (chosen >= rejected) | (rejected >= self.lengths())).any():
                 raise UnitrainError(f"{self.index_path}: preference spans out of range")
         if flags & FLAG_GROUPS:
             self.group_offsets = np.frombuffer(index_map, "<i8", num_docs + 1, offset)  # (n + 1,)
@@ -401,7 +481,7 @@ class _Shard:
                 f"{self.index_path}: group offsets do not add up to {num_responses} responses of ≥ 2 per group"
             )
         begins = self.response_begins
-        lengths = np.repeat(self.lengths, counts)  # (R,) length of each response's document
+        lengths = np.repeat(self.lengths(), counts)  # (R,) length of each response's document
         last = np.zeros(num_responses, dtype=bool)
         last[self.group_offsets[1:] - 1] = True  # the last response of each group ends its document
         ends = np.where(last, lengths, np.roll(begins, -1))
@@ -410,13 +490,17 @@ class _Shard:
         if not np.isfinite(self.scores).all():
             raise UnitrainError(f"{self.index_path}: a group score is not finite")
 
+    def lengths(self) -> np.ndarray:
+        """Document lengths (n,), int32 unless the shard is too large for it; computed, not kept."""
+        return columns.lengths_of(self.offsets, columns.length_dtype(self.num_tokens))
+
     def _check_loss_spans(self, num_spans: int) -> None:
         counts = np.diff(self.span_offsets)  # (n,)
         if self.span_offsets[0] != 0 or self.span_offsets[-1] != num_spans or (counts < 0).any():
             raise UnitrainError(
                 f"{self.index_path}: loss-span offsets do not add up to the {num_spans} spans"
             )
-        doc_lengths = np.repeat(self.lengths, counts)  # (m,) length of each span's document
+        doc_lengths = np.repeat(self.lengths(), counts)  # (m,) length of each span's document
         begin, end = self.span_table[:, 0], self.span_table[:, 1]
         if ((begin < 0) | (begin >= end) | (end > doc_lengths)).any():
             raise UnitrainError(f"{self.index_path}: loss-masking spans out of range")
@@ -475,10 +559,10 @@ class GPTMemmapDataset:
         if self.kind not in KINDS:
             raise UnitrainError(f"{metadata_path}: unknown kind {self.kind!r}")
         self._shards = [_Shard(self.path, entry, self.kind) for entry in self.metadata["shards"]]
-        counts = [len(shard.lengths) for shard in self._shards]
+        counts = [shard.num_documents for shard in self._shards]
         self._shard_starts = np.zeros(len(counts) + 1, np.int64)  # (S + 1,) first document of each shard
         np.cumsum(counts, out=self._shard_starts[1:])
-        self.document_lengths = np.concatenate([shard.lengths for shard in self._shards])  # (N,)
+        self._columns: dict[str, np.ndarray] = {}
         tokenizer = self.metadata.get("tokenizer", {})
         self.vocab_size: int = tokenizer.get("vocab_size")
         self.eos_id: int | None = tokenizer.get("eos_id")
@@ -489,6 +573,56 @@ class GPTMemmapDataset:
 
     def __len__(self) -> int:
         return int(self._shard_starts[-1])
+
+    def _column(self, name: str, of_shard) -> np.ndarray:
+        """A per-document column over all shards, computed on first use and kept (one shard: no copy)."""
+        if name not in self._columns:
+            parts = [of_shard(shard) for shard in self._shards]
+            self._columns[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._columns[name]
+
+    @property
+    def document_lengths(self) -> np.ndarray:
+        """Tokens of each document (N,), int32 (int64 for shards of 2³¹ tokens or more); read on first use, so
+        that opening costs no memory per document."""
+        return self._column("lengths", _Shard.lengths)
+
+    def lengths_of(self, indices: np.ndarray) -> np.ndarray:
+        """Lengths (n,) int64 of the documents `indices`, read from the mapped offsets: nothing kept per
+        document (the planner's path; `document_lengths` keeps a column)."""
+        indices = np.asarray(indices, np.int64)
+        if len(self._shards) == 1:
+            offsets = self._shards[0].offsets
+            return offsets[indices + 1] - offsets[indices]
+        shard = np.searchsorted(self._shard_starts, indices, side="right") - 1  # (n,)
+        order = np.argsort(shard.astype(np.int32), kind="stable")  # grouped by shard, one gather per shard
+        bounds = np.searchsorted(shard[order], np.arange(len(self._shards) + 1))
+        lengths = np.empty(len(indices), np.int64)
+        for k in np.flatnonzero(np.diff(bounds)):
+            at = order[bounds[k] : bounds[k + 1]]
+            local = indices[at] - self._shard_starts[k]
+            lengths[at] = self._shards[k].offsets[local + 1] - self._shards[k].offsets[local]
+        return lengths
+
+    @property
+    def preference_spans(self) -> np.ndarray:
+        """(N, 2) int32 chosen begin, rejected begin of each pair (zero-copy for one shard); preference only."""
+        if self.kind != "preference":
+            raise UnitrainError(f"{self.path}: a {self.kind} dataset has no preference spans")
+        return self._column("preference", lambda shard: shard.preference)
+
+    @property
+    def sft_target_counts(self) -> np.ndarray:
+        """(N,) int32 tokens trained on by SFT per document: positions 1..L-1 outside the loss-masking spans."""
+        if self.kind == "preference":
+            raise UnitrainError(f"{self.path}: SFT targets of a preference dataset come from its spans")
+
+        def of_shard(shard: _Shard) -> np.ndarray:
+            if shard.span_table is None:
+                return np.maximum(shard.lengths() - 1, 0).astype(np.int32)
+            return columns.sft_target_counts(shard.offsets, shard.span_offsets, shard.span_table)
+
+        return self._column("sft_targets", of_shard)
 
     def __getitem__(self, index: int) -> GPTSample:
         if not -len(self) <= index < len(self):

@@ -1,10 +1,11 @@
 """Documents and preference pairs → rows of at most `sequence_length` token slots → PackedBatch.
 
-`plan_rows` decides which items share a row (best-fit decreasing: deterministic, and it leaves almost no empty
+`data/plan.py` decides which items share a row (best-fit decreasing: deterministic, and it leaves almost no empty
 slots because many short items fill the gaps the long ones leave); `collate` turns planned rows into one
-PackedBatch. The trade-off: planning costs one pass over the item lengths (and, for preference or SFT data, the
-spans) before training, and in exchange every objective and every preference layout shares one batch type whose
-targets carry explicit predicting positions, so the model never sees padding and no token is computed twice.
+PackedBatch, reading only the documents of those rows. The trade-off: planning costs one pass over the item
+lengths (and, for preference or SFT data, the spans) before training, and in exchange every objective and every
+preference layout shares one batch type whose targets carry explicit predicting positions, so the model never
+sees padding and no token is computed twice.
 
 Item lengths (slots used in a row):
   pretrain    a document split into pieces of at most `sequence_length` tokens; each piece is its own document
@@ -17,9 +18,6 @@ A preference pair is never split across rows; one that cannot fit is dropped and
 """
 
 from __future__ import annotations
-
-import bisect
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,24 +39,6 @@ OBJECTIVES = ("pretrain", "sft", "dpo")
 MODES = ("separate", "pair", "packed")
 
 
-@dataclass
-class PackingPlan:
-    """Rows planned for one pass. Each row is an int64 array (k, 3) of items `(document index, begin, end)`;
-    `begin, end` is the token range of a pretraining piece and `0, length` otherwise.
-    `row_counts` (num_rows, 3) int64: pairs, targets, and chosen-response targets of each row;
-    `num_slots` the row slots that `efficiency` divides by."""
-
-    rows: list[np.ndarray]
-    dropped: int
-    num_tokens: int
-    row_counts: np.ndarray
-    num_slots: int
-
-    @property
-    def efficiency(self) -> float:
-        return self.num_tokens / self.num_slots if self.num_slots else 0.0
-
-
 def check_options(objective: str, mode: str, sequence_length: int) -> None:
     if objective not in OBJECTIVES:
         raise UnitrainError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -68,7 +48,7 @@ def check_options(objective: str, mode: str, sequence_length: int) -> None:
         raise UnitrainError(f"sequence_length must be at least 2, got {sequence_length}")
 
 
-def _check_kind(dataset, objective: str) -> None:
+def check_kind(dataset, objective: str) -> None:
     kind = dataset.kind
     if objective == "dpo" and kind != "preference":
         raise UnitrainError(f"objective dpo needs a preference dataset, got a {kind} dataset")
@@ -88,89 +68,6 @@ def sft_targets(sample: GPTSample) -> tuple[np.ndarray, int]:
         for begin, end in sample.loss_masking_spans:
             keep[begin:end] = False
     return np.flatnonzero(keep), length
-
-
-def _pair_prompt_length(sample: GPTSample, index: int) -> int:
-    if sample.chosen_span[0] == 0:
-        raise UnitrainError(
-            f"pair {index}: empty prompt, so nothing predicts the first response token (prepare with a BOS token)"
-        )
-    return sample.chosen_span[0]
-
-
-def _item_costs(
-    dataset, indices: np.ndarray, objective: str, mode: str, share_prompt: bool, sequence_length: int
-):
-    """Per item: (document index, begin, end, row slots, pairs, targets, chosen targets, real tokens)."""
-    items = []
-    if objective == "pretrain":
-        for index in indices:
-            length = int(dataset.document_lengths[index])
-            for begin in range(0, length, sequence_length):
-                end = min(begin + sequence_length, length)
-                items.append((int(index), begin, end, end - begin, 0, end - begin - 1, 0, end - begin))
-        return items
-    for index in indices:
-        sample = dataset[int(index)]
-        if objective == "sft":
-            targets, length = sft_targets(sample)
-            items.append((int(index), 0, length, length, 0, len(targets), 0, length))
-            continue
-        prompt = _pair_prompt_length(sample, int(index))
-        chosen = sample.chosen_span[1] - sample.chosen_span[0]
-        rejected = sample.rejected_span[1] - sample.rejected_span[0]
-        duplicated = mode == "separate" or not share_prompt
-        tokens = prompt + chosen + rejected + (prompt if duplicated else 0)
-        slots = (
-            prompt + max(chosen, rejected) if mode == "separate" else tokens
-        )  # separate: its longer batch row
-        items.append((int(index), 0, len(sample.token_ids), slots, 1, chosen + rejected, chosen, tokens))
-    return items
-
-
-def plan_rows(
-    dataset, indices, *, objective: str, mode: str, share_prompt: bool, sequence_length: int
-) -> PackingPlan:
-    """Pack the documents `indices` (in the caller's order, which breaks ties) into rows, best-fit decreasing.
-
-    Modes `pair` and `separate` put one pair per row; `packed` and the pretrain/sft objectives fill rows.
-    `efficiency` = real tokens / (row slots counted at `sequence_length`, two batch rows per row in `separate`).
-    """
-    check_options(objective, mode, sequence_length)
-    _check_kind(dataset, objective)
-    indices = np.asarray(indices, dtype=np.int64)
-    items = _item_costs(dataset, indices, objective, mode, share_prompt, sequence_length)
-    fits = [item for item in items if item[3] <= sequence_length]
-    dropped = len(items) - len(fits)
-    one_per_row = objective == "dpo" and mode in ("pair", "separate")
-    order = sorted(range(len(fits)), key=lambda k: -fits[k][3])  # stable: equal sizes keep the caller's order
-    rows: list[list[int]] = []
-    free: list[
-        tuple[int, int]
-    ] = []  # (free slots, row id), sorted: the best fit is the first with enough room
-    for k in order:
-        size = fits[k][3]
-        at = len(free) if one_per_row else bisect.bisect_left(free, (size, -1))
-        if at < len(free):
-            room, row_id = free.pop(at)
-            rows[row_id].append(k)
-        else:
-            room, row_id = sequence_length, len(rows)
-            rows.append([k])
-        if not one_per_row and room - size > 0:
-            bisect.insort(free, (room - size, row_id))
-    plan_rows_items = [np.array([fits[k][:3] for k in row], dtype=np.int64).reshape(-1, 3) for row in rows]
-    row_counts = np.array([[sum(fits[k][c] for k in row) for c in (4, 5, 6)] for row in rows], dtype=np.int64)
-    num_tokens = sum(item[7] for item in fits)
-    batch_rows_per_row = 2 if objective == "dpo" and mode == "separate" else 1
-    slots = len(rows) * sequence_length * batch_rows_per_row
-    return PackingPlan(
-        rows=plan_rows_items,
-        dropped=dropped,
-        num_tokens=num_tokens,
-        row_counts=row_counts.reshape(-1, 3),
-        num_slots=slots,
-    )
 
 
 class _RowBuilder:
@@ -244,17 +141,25 @@ def _add_document(row: _RowBuilder, sample: GPTSample, begin: int, end: int, obj
     row.target(sample.token_ids[keep], start + keep - 1)
 
 
-def collate(dataset, rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
-    """Rows from `plan_rows` → one PackedBatch (rows padded to the longest; two batch rows per row in `separate`)."""
-    return collate_samples(
-        [
-            [(dataset[int(index)], int(index), int(begin), int(end)) for index, begin, end in row]
-            for row in rows
-        ],
-        objective=objective,
-        mode=mode,
-        share_prompt=share_prompt,
-    )
+def read_rows(plan, rows, sample_of) -> list[list[tuple]]:
+    """Rows `rows` of a plan as lists of `(sample, document, begin, end)` items, `sample_of(document)` reading
+    each sample; `begin, end` is the token range of a pretraining piece (the whole document otherwise)."""
+    read = []
+    for r in rows:
+        items = []
+        for document, part in plan.row(r):
+            sample = sample_of(document)
+            begin = part * plan.sequence_length
+            items.append((sample, document, begin, min(begin + plan.sequence_length, len(sample.token_ids))))
+        read.append(items)
+    return read
+
+
+def collate(dataset, plan, rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
+    """Rows `rows` (row numbers) of a plan of `dataset` → one PackedBatch (rows padded to the longest; two batch
+    rows per row in `separate`)."""
+    read = read_rows(plan, rows, lambda document: dataset[document])
+    return collate_samples(read, objective=objective, mode=mode, share_prompt=share_prompt)
 
 
 def collate_samples(rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
