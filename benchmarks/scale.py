@@ -34,7 +34,7 @@ CHUNK = 1_000_000  # documents per add_batch call
 
 
 def write_documents(path: Path, count: int, seed: int = 0) -> None:
-    from unitrain.data.memmap import DatasetWriter
+    from unitrain.data.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, "pretraining", vocab_size=VOCAB, eos_id=VOCAB - 1, overwrite=True) as writer:
@@ -44,7 +44,7 @@ def write_documents(path: Path, count: int, seed: int = 0) -> None:
 
 
 def write_pairs(path: Path, count: int, seed: int = 1) -> None:
-    from unitrain.data.memmap import DatasetWriter
+    from unitrain.data.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, "preference", vocab_size=VOCAB, eos_id=VOCAB - 1, overwrite=True) as writer:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import DatasetWriter, GPTMemmapDataset, write_dataset
+from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.packing import sft_targets
+from unitrain.data.writer import DatasetWriter, write_dataset
 
 from .test_memmap import random_samples
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset, write_dataset
+from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.sample import GPTSample
+from unitrain.data.writer import write_dataset
 from unitrain.errors import UnitrainError
 
 FIXTURES = Path(__file__).parent / "fixtures"

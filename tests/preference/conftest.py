@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset, write_dataset
+from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.sample import GPTSample
+from unitrain.data.writer import write_dataset
 
 VOCAB = 61
 

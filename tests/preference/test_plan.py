@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset, write_dataset
+from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.packing import collate
 from unitrain.data.plan import plan_rows
 from unitrain.data.sampling import BatchStream
+from unitrain.data.writer import write_dataset
 
 from .conftest import VOCAB, random_documents, random_pairs
 from .naive_planner import naive_epoch, naive_plan_rows
@@ -205,7 +206,7 @@ def test_per_step_counts_equal_the_collated_batches_on_every_rank(datasets):
 
 
 def test_the_loop_of_windows_keeps_fill_high_on_many_short_documents(tmp_path):
-    from unitrain.data.memmap import DatasetWriter
+    from unitrain.data.writer import DatasetWriter
 
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5.3, 0.9, 20000).astype(np.int64), 1, 4000)  # mean ≈ 330

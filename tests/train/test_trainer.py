@@ -236,8 +236,8 @@ def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, t
 
 
 def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
-    from unitrain.data.memmap import DatasetWriter
     from unitrain.data.sample import GPTSample
+    from unitrain.data.writer import DatasetWriter
 
     for name, content in (("train", '{"model": "one"}'), ("validation", '{"model": "two"}')):
         tokenizer = tmp_path / f"tokenizer-{name}" / "tokenizer.json"

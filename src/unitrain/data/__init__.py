@@ -5,7 +5,7 @@ from unitrain.data.sample import GPTSample
 __all__ = ["GPTSample", "PackedBatch", "GPTMemmapDataset", "write_dataset"]
 
 # Imported on first use: `prepare` and `inspect` never touch torch, whose import alone takes seconds.
-_LAZY = {"PackedBatch": "batch", "GPTMemmapDataset": "memmap", "write_dataset": "memmap"}
+_LAZY = {"PackedBatch": "batch", "GPTMemmapDataset": "memmap", "write_dataset": "writer"}
 
 
 def __getattr__(name: str):

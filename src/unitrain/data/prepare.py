@@ -23,11 +23,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from unitrain.data.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
 from unitrain.data.inputs import Unit, read_unit, resolve_units, signature
-from unitrain.data.memmap import DEFAULT_SHARD_TOKENS, FORMAT_VERSION, DatasetWriter
 from unitrain.data.sources import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
 from unitrain.data.tokenize import TextTokenizer
 from unitrain.data.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
+from unitrain.data.writer import DatasetWriter
 from unitrain.errors import UnitrainError
 
 KIND_OF_SCHEMA = {

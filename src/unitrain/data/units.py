@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 from unitrain.data.inputs import Unit, read_unit
-from unitrain.data.memmap import DatasetWriter
 from unitrain.data.sources import RowError, extract, parse_row
 from unitrain.data.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
+from unitrain.data.writer import DatasetWriter
 from unitrain.errors import UnitrainError
 
 CHUNK_ROWS = 256
