@@ -96,6 +96,16 @@ def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64):
     return collate(dataset, plan, range(len(plan)), **layout)
 
 
+def recount(batch) -> list[int]:
+    """A batch's pairs, targets, chosen-response targets and groups, counted from its own columns: what a plan's
+    row counts must sum to. A response is the chosen side of as many pairs as it wins."""
+    import torch
+
+    wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)  # (Rb,)
+    preference = batch.target_response[batch.target_response >= 0]
+    return [batch.num_pairs, batch.num_targets, int(wins[preference].sum()), batch.num_groups]
+
+
 def build_tiny_model(seed: int = 0):
     """A 2-layer, width-32 random Llama with grouped-query attention, fp32."""
     import torch

@@ -27,9 +27,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> No
 def packed_loss(model, dataset, mode, share_prompt, reference=None, sequence_length=48):
     batch = packed_batch(dataset, mode, share_prompt, sequence_length)
     sums, counts = pair_logps_of(model, batch)  # (P, 2) in batch order
-    order = batch.pair_index.argsort()
+    order = batch.group_index.argsort()
     sums, counts = sums[order], counts[order]  # dataset order
-    ref = None if reference is None else reference[batch.pair_index][order]
+    ref = None if reference is None else reference[batch.group_index][order]
     out = preference_losses(sums, ref, counts, CONFIG)
     return sums, out.losses
 
@@ -90,7 +90,7 @@ def test_reference_equal_to_policy_gives_ln2_and_identical_responses_give_zero_g
         sums, counts = pair_logps_of(model, batch)
         losses = preference_losses(sums, reference, counts, CONFIG).losses
         close(losses.detach(), torch.full((6,), math.log(2)))
-        twin_loss = losses[batch.pair_index.tolist().index(0)]
+        twin_loss = losses[batch.group_index.tolist().index(0)]
         for name, grad in gradients(model, twin_loss).items():
             assert grad.abs().max() < 1e-6, (
                 f"{mode}/{share_prompt}: {name} gets gradient from chosen == rejected"
@@ -108,7 +108,7 @@ def test_reference_equal_to_policy_gives_ln2_and_identical_responses_give_zero_g
             reference = pair_logps_of(frozen, batch)[0]
             sums, counts = pair_logps_of(policy, batch)
         losses = preference_losses(sums, reference, counts, CONFIG).losses
-        twin = batch.pair_index.tolist().index(0)
+        twin = batch.group_index.tolist().index(0)
         close(losses[twin], torch.tensor(math.log(2)))
         others = torch.cat([losses[:twin], losses[twin + 1 :]])
         assert ((others - math.log(2)).abs() > 1e-4).all(), (mode, share_prompt, others)
@@ -138,7 +138,7 @@ def test_sigmoid_over_a_sum_of_pairs_would_fail(tiny_model):
     assert batch.num_rows == 1  # every pair in one row
     with torch.no_grad():
         sums, counts = pair_logps_of(policy, batch)
-    ref = ref_sums[batch.pair_index]
+    ref = ref_sums[batch.group_index]
     packed = preference_losses(sums, ref, counts, config).losses.mean()
     close(packed, expected)
     summed_delta = (sums[:, 0] - ref[:, 0] - sums[:, 1] + ref[:, 1]).sum()

@@ -12,6 +12,7 @@ from unitrain.losses.preference import (
     GROUP_LOSSES,
     LOSSES,
     PreferenceLossConfig,
+    pair_view,
     preference_losses,
     response_logps,
 )
@@ -133,13 +134,14 @@ def test_contradictions_are_refused_with_a_reason(kwargs, reason):
         PreferenceLossConfig(**kwargs)
 
 
-def test_response_logps_sums_per_pair_and_ignores_lm_targets():
+def test_response_logps_sums_per_response_and_ignores_lm_targets():
     logps = torch.tensor([-1.0, -2.0, -0.5, -3.0, -0.25, -4.0])
-    pair = torch.tensor([1, 0, 1, -1, 0, 1])
-    response = torch.tensor([0, 1, 1, -1, 1, 0])
-    sums, counts = response_logps(logps, pair, response, num_pairs=3)
-    assert sums.tolist() == [[0.0, -2.25], [-5.0, -0.5], [0.0, 0.0]]
-    assert counts.tolist() == [[0, 2], [2, 1], [0, 0]]
+    response = torch.tensor([2, 1, 3, -1, 1, 2])
+    sums, counts = response_logps(logps, response, num_responses=5)
+    assert sums.tolist() == [0.0, -2.25, -5.0, -0.5, 0.0]
+    assert counts.tolist() == [0, 2, 2, 1, 0]
+    pairs = torch.tensor([[2, 1], [3, 1]])
+    assert pair_view(sums, pairs).tolist() == [[-5.0, -2.25], [-0.5, -2.25]]
 
 
 def test_lm_loss_is_a_sum_and_a_count():

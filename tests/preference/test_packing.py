@@ -7,10 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from unitrain.data.batch import RESPONSE_CHOSEN, SEGMENT_CHOSEN, SEGMENT_REJECTED
+from unitrain.data.batch import SEGMENT_PROMPT
 from unitrain.data.packing import collate
 from unitrain.data.plan import plan_rows
 from unitrain.errors import UnitrainError
+
+from .conftest import recount
 
 LAYOUTS = [(m, s) for m, s in itertools.product(("separate", "pair", "packed"), (True, False))]
 
@@ -35,9 +37,7 @@ def visible(batch, flat_slot: int):
     row, q = divmod(flat_slot, batch.row_length)
     doc, seg = batch.document_id[row].tolist(), batch.segment[row].tolist()
     keys = [
-        k
-        for k in range(q + 1)
-        if doc[k] == doc[q] != -1 and not (seg[q] == SEGMENT_REJECTED and seg[k] == SEGMENT_CHOSEN)
+        k for k in range(q + 1) if doc[k] == doc[q] != -1 and (seg[k] <= SEGMENT_PROMPT or seg[k] == seg[q])
     ]
     return batch.input_ids[row, keys].tolist(), batch.position_ids[row, keys].tolist()
 
@@ -52,31 +52,30 @@ def test_each_target_sees_its_standalone_prompt_and_response_prefix(
     )
     assert plan.dropped == 0 and len({int(i) for row in pieces(plan, dataset) for i in row[:, 0]}) == 23
     batch = collate_all(dataset, plan, objective="dpo", mode=mode, share_prompt=share_prompt)
-    assert sorted(batch.pair_index.tolist()) == list(range(23))
+    assert sorted(batch.group_index.tolist()) == list(range(23))
     seen = {}
-    for token, slot, pair, response in zip(
-        *(
-            t.tolist()
-            for t in (batch.target_tokens, batch.target_positions, batch.target_pair, batch.target_response)
-        )
+    for token, slot, response in zip(
+        *(t.tolist() for t in (batch.target_tokens, batch.target_positions, batch.target_response))
     ):
-        sample = dataset[int(batch.pair_index[pair])]
-        answer = sample.chosen_ids if response == RESPONSE_CHOSEN else sample.rejected_ids
-        j = seen.setdefault((pair, response), 0)
-        seen[(pair, response)] += 1
+        sample = dataset[int(batch.group_index[batch.response_group[response]])]
+        answer = sample.response_ids(int(batch.response_number[response]))
+        j = seen.setdefault(response, 0)
+        seen[response] += 1
         context = sample.prompt_ids.tolist() + answer[:j].tolist()
         assert token == answer[j]
         assert visible(batch, slot) == (context, list(range(len(context))))
-    for pair, index in enumerate(batch.pair_index.tolist()):
-        assert seen[(pair, 0)] == len(dataset[index].chosen_ids) and seen[(pair, 1)] == len(
+    for group, index in enumerate(batch.group_index.tolist()):
+        chosen, rejected = batch.pair_responses[group].tolist()  # one pair per group, chosen first
+        assert batch.response_group[chosen] == batch.response_group[rejected] == group
+        assert seen[chosen] == len(dataset[index].chosen_ids) and seen[rejected] == len(
             dataset[index].rejected_ids
         )
     assert batch.num_tokens == plan.num_tokens
-    assert plan.row_counts.sum(axis=0).tolist() == [
-        23,
-        batch.num_targets,
-        int((batch.target_response == 0).sum()),
-    ]
+    assert (
+        plan.row_counts.sum(axis=0).tolist()
+        == recount(batch)
+        == [23, batch.num_targets, recount(batch)[2], 23]
+    )
 
 
 def naive_best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -100,18 +99,24 @@ def test_packed_rows_match_a_naive_best_fit_decreasing(pairs_factory, list_datas
     order = np.random.default_rng(0).permutation(200)
     plan = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
     expected = naive_best_fit_decreasing([int(dataset.document_lengths[i]) for i in order], 64)
-    assert [row[:, 0].tolist() for row in pieces(plan, dataset)] == [
-        [int(order[k]) for k in row] for row in expected
-    ]
-    assert plan.dropped == int((dataset.document_lengths > 64).sum()) > 0
-    assert plan.num_tokens == int(dataset.document_lengths[dataset.document_lengths <= 64].sum())
-    assert plan.efficiency == pytest.approx(plan.num_tokens / (len(plan) * 64))
+    packed = [row for row in pieces(plan, dataset) if row[0, 1] == 0]  # then the wide rows of split pairs
+    assert len(packed) == len(expected)
+    assert [row[:, 0].tolist() for row in packed] == [[int(order[k]) for k in row] for row in expected]
+    too_long = [int(i) for i in order if dataset.document_lengths[i] > 64]
+    assert [int(row[0, 0]) for row in pieces(plan, dataset)[len(packed) :]] == too_long  # split, in order
+    assert plan.dropped == 0 and len(too_long) > 0
+    assert plan.num_tokens == int(dataset.document_lengths.sum()) + sum(
+        len(dataset[i].prompt_ids) for i in too_long
+    )  # a split pair's second part repeats the prompt
+    assert plan.efficiency == pytest.approx(plan.num_tokens / ((len(plan) + len(too_long)) * 64))
     again = plan_rows(dataset, order, objective="dpo", mode="packed", share_prompt=True, sequence_length=64)
     assert all((a == b).all() for a, b in zip(pieces(plan, dataset), pieces(again, dataset)))
 
 
 @pytest.mark.parametrize("mode,share_prompt", LAYOUTS)
-def test_pairs_that_cannot_fit_a_row_are_dropped_and_counted(mode, share_prompt, pairs_factory, list_dataset):
+def test_pairs_longer_than_a_row_are_split_and_only_unfit_responses_dropped(
+    mode, share_prompt, pairs_factory, list_dataset
+):
     samples = pairs_factory(30, seed=3, prompt=(1, 12), response=(1, 12))
     dataset = list_dataset(samples, "preference")
 
@@ -119,16 +124,26 @@ def test_pairs_that_cannot_fit_a_row_are_dropped_and_counted(mode, share_prompt,
         p, c, r = len(s.prompt_ids), len(s.chosen_ids), len(s.rejected_ids)
         return p + max(c, r) if mode == "separate" else p + c + r + (0 if share_prompt else p)
 
-    expected_drops = sum(need(s) > 20 for s in samples)
+    def alone(s):  # each response with its prompt: what a split pair needs per batch row
+        return len(s.prompt_ids) + max(len(s.chosen_ids), len(s.rejected_ids))
+
+    over = [k for k, s in enumerate(samples) if need(s) > 20]
+    dropped = [k for k in over if mode == "separate" or alone(samples[k]) > 20]
     plan = plan_rows(
         dataset, range(30), objective="dpo", mode=mode, share_prompt=share_prompt, sequence_length=20
     )
-    assert 0 < plan.dropped == expected_drops
-    assert sum(len(row) for row in pieces(plan, dataset)) == 30 - expected_drops
+    assert 0 < plan.dropped == len(dropped) and (mode == "separate" or len(over) > len(dropped))
+    planned = [document for r in range(len(plan)) for document, _ in plan.row(r)]
+    assert sorted(set(planned)) == sorted(set(range(30)) - set(dropped))
+    wide = [r for r in range(len(plan)) if plan.row(r)[0][1] > 0]
+    assert sorted(plan.row(r)[0][0] for r in wide) == sorted(set(over) - set(dropped))
+    assert all(plan.row(r) == [(plan.row(r)[0][0], 1), (plan.row(r)[0][0], 2)] for r in wide)
     batch = collate_all(dataset, plan, objective="dpo", mode=mode, share_prompt=share_prompt)
-    assert batch.row_length <= 20 and batch.num_rows == len(plan) * (2 if mode == "separate" else 1)
+    per_row = 2 if mode == "separate" else 1
+    assert batch.row_length <= 20 and batch.num_rows == (len(plan) - len(wide)) * per_row + 2 * len(wide)
+    assert plan.num_slots == 20 * batch.num_rows
     if mode != "packed":
-        assert all(len(row) == 1 for row in pieces(plan, dataset))
+        assert all(len(row) == 1 for row in pieces(plan, dataset) if row[0, 1] == 0)
 
 
 def test_pretrain_splits_long_documents_and_targets_every_token_after_each_piece_start(
@@ -154,7 +169,7 @@ def test_pretrain_splits_long_documents_and_targets_every_token_after_each_piece
         assert positions == list(range(len(tokens)))  # a piece restarts its positions
         row, q = divmod(slot, batch.row_length)
         assert batch.input_ids[row, q + 1] == token  # plain next-token targets within a piece
-    assert (batch.target_pair == -1).all() and batch.num_pairs == 0
+    assert (batch.target_response == -1).all() and batch.num_pairs == batch.num_responses == 0
 
 
 def test_sft_excludes_masked_spans_and_drops_documents_longer_than_a_row(documents_factory, list_dataset):

@@ -13,7 +13,7 @@ from unitrain.data.plan import plan_rows
 from unitrain.data.sampling import BatchStream
 from unitrain.data.writer import write_dataset
 
-from .conftest import VOCAB, random_documents, random_pairs
+from .conftest import VOCAB, random_documents, random_pairs, recount
 from .naive_planner import naive_epoch, naive_plan_rows
 
 LAYOUTS = [
@@ -25,7 +25,7 @@ LAYOUTS = [
 
 def pieces(plan, dataset_of, offsets=(0,)) -> list[tuple[int, list]]:
     """Each row of a plan as (source, [(local document, begin, end), ...]); `begin, end` as the naive planner
-    writes them: a pretraining piece's range, `0, length` for whole documents and pairs."""
+    writes them: a pretraining piece's range, `0, length` for whole documents, `part, length` for pairs."""
     S, rows = plan.sequence_length, []
     for r in range(len(plan)):
         items, source = [], 0
@@ -33,6 +33,9 @@ def pieces(plan, dataset_of, offsets=(0,)) -> list[tuple[int, list]]:
             source = int(np.searchsorted(offsets, document, side="right")) - 1
             local = document - offsets[source]
             length = int(dataset_of(source).document_lengths[local])
+            if dataset_of(source).kind == "preference":  # the naive planner writes (pair, part, length)
+                items.append((local, part, length))
+                continue
             begin = part * S
             items.append((local, begin, min(begin + S, length) if plan.item_part is not None else length))
         rows.append((source, items))
@@ -89,7 +92,7 @@ def test_plan_rows_equals_the_naive_planner(objective, mode, share_prompt, datas
     plan = plan_rows(dataset, order, **packing)
     rows, counts, dropped, tokens, slots = naive_plan_rows(dataset, order, **packing)
     assert [items for _, items in pieces(plan, lambda s: dataset)] == naive_items(rows)
-    np.testing.assert_array_equal(plan.row_counts, counts)
+    np.testing.assert_array_equal(plan.row_counts, with_groups(counts, objective))
     assert (plan.dropped, plan.num_tokens, plan.num_slots) == (dropped, tokens, slots)
     if objective == "pretrain":
         assert (
@@ -112,7 +115,14 @@ def test_blended_epochs_equal_the_naive_planner(objective, mode, share_prompt, d
         rows, counts = naive_epoch(sources, seed=5, epoch=epoch, **packing)
         got = pieces(stream.plan, [first, second].__getitem__, offsets=stream.offsets)
         assert got == [(source, naive_items([items])[0]) for source, items in rows]
-        np.testing.assert_array_equal(stream.plan.row_counts, counts)
+        np.testing.assert_array_equal(stream.plan.row_counts, with_groups(counts, objective))
+
+
+def with_groups(counts: np.ndarray, objective: str) -> np.ndarray:
+    """The naive planner's (pairs, targets, chosen targets) and the groups column: one group per pair."""
+    return np.concatenate(
+        [counts, counts[:, :1] if objective == "dpo" else np.zeros_like(counts[:, :1])], axis=1
+    )
 
 
 def test_a_single_source_draws_as_the_naive_planner_too(datasets):
@@ -122,10 +132,6 @@ def test_a_single_source_draws_as_the_naive_planner_too(datasets):
     stream = BatchStream(sources, **packing, micro_batch_size=1, accumulation_steps=1, seed=9)
     rows, counts = naive_epoch(sources, seed=9, epoch=0, **packing)
     assert pieces(stream.plan, lambda s: dataset) == [(0, naive_items([items])[0]) for _, items in rows]
-
-
-def recount(batch) -> list[int]:
-    return [batch.num_pairs, batch.num_targets, int((batch.target_response == 0).sum())]
 
 
 @pytest.mark.parametrize("objective,mode,share_prompt", LAYOUTS)
@@ -169,7 +175,7 @@ def stream_of(dataset, **overrides):
 def step_key(step):
     return (
         [
-            (b.input_ids.tolist(), b.target_positions.tolist(), b.pair_index.tolist())
+            (b.input_ids.tolist(), b.target_positions.tolist(), b.group_index.tolist())
             for b in step.micro_batches
         ],
         step.global_pairs,
@@ -202,7 +208,8 @@ def test_per_step_counts_equal_the_collated_batches_on_every_rank(datasets):
         batches = [b for part in parts for b in part.micro_batches]
         totals = np.sum([recount(b) for b in batches], axis=0).tolist()
         for part in parts:
-            assert [part.global_pairs, part.global_targets, part.global_chosen_targets] == totals
+            counts = [part.global_pairs, part.global_targets, part.global_chosen_targets, part.global_groups]
+            assert counts == totals
 
 
 def test_the_loop_of_windows_keeps_fill_high_on_many_short_documents(tmp_path):

@@ -16,7 +16,7 @@ from .conftest import build_tiny_model, packed_batch, random_pairs, standalone_p
 
 
 def expected_logps(model, dataset, batch):
-    return torch.stack([standalone_pair_logps(model, dataset[int(i)]) for i in batch.pair_index]).detach()
+    return torch.stack([standalone_pair_logps(model, dataset[int(i)]) for i in batch.group_index]).detach()
 
 
 def test_none_and_model_references(tmp_path, memmap_pairs):
@@ -91,7 +91,7 @@ def test_cache_covers_several_datasets_with_blended_and_local_indices(tmp_path, 
     local = packed_batch(second)
     expected = expected_logps(model, second, local)
     torch.testing.assert_close(cached.pair_logps(local, dataset_position=1), expected, rtol=1e-5, atol=1e-4)
-    local.pair_index += len(first)  # the BatchStream convention for a second source
+    local.group_index += len(first)  # the BatchStream convention for a second source
     torch.testing.assert_close(cached.pair_logps(local), expected, rtol=1e-5, atol=1e-4)
 
 

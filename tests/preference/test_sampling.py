@@ -8,7 +8,7 @@ import pytest
 from unitrain.data.sampling import BatchStream, iterate_batches, split_indices
 from unitrain.errors import UnitrainError
 
-from .conftest import ListDataset, random_pairs
+from .conftest import ListDataset, random_pairs, recount
 
 
 def stream(dataset, **overrides):
@@ -27,7 +27,7 @@ def stream(dataset, **overrides):
 
 
 def batch_key(batch):
-    return (batch.input_ids.tolist(), batch.target_positions.tolist(), batch.pair_index.tolist())
+    return (batch.input_ids.tolist(), batch.target_positions.tolist(), batch.group_index.tolist())
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -45,7 +45,7 @@ def test_an_epoch_visits_every_pair_once_then_reshuffles():
     single = stream(dataset, micro_batch_size=1, accumulation_steps=1)
     epochs = {0: [], 1: [], 2: []}
     while single.epoch < 2:
-        pairs = single.next_step().micro_batches[0].pair_index.tolist()
+        pairs = single.next_step().micro_batches[0].group_index.tolist()
         epochs[single.epoch] += pairs  # one row per step: it comes from the epoch current after the step
     assert sorted(epochs[0]) == list(range(30)) and sorted(epochs[1]) == list(range(30))
     assert epochs[0] != epochs[1]
@@ -61,12 +61,13 @@ def test_ranks_split_each_step_and_share_the_global_counts():
         step = whole.next_step()
         parts = [r.next_step() for r in ranks]
         mine = [b for part in parts for b in part.micro_batches]
-        pairs = sorted(i for b in mine for i in b.pair_index.tolist())
-        assert pairs == sorted(i for b in step.micro_batches for i in b.pair_index.tolist())
+        pairs = sorted(i for b in mine for i in b.group_index.tolist())
+        assert pairs == sorted(i for b in step.micro_batches for i in b.group_index.tolist())
         for part in parts:
             assert part.global_pairs == step.global_pairs == len(pairs)
             assert part.global_targets == sum(b.num_targets for b in mine)
-            assert part.global_chosen_targets == sum(int((b.target_response == 0).sum()) for b in mine)
+            assert part.global_chosen_targets == sum(recount(b)[2] for b in mine)
+            assert part.global_groups == sum(b.num_groups for b in mine) == len(pairs)
 
 
 def test_resume_continues_at_the_exact_next_row():
@@ -91,7 +92,7 @@ def test_blending_follows_the_weights_and_offsets_pair_indices():
     blended = stream(first, sources=sources, mode="pair", micro_batch_size=1, accumulation_steps=1)
     seen = []
     while True:
-        pairs = blended.next_step().micro_batches[0].pair_index.tolist()
+        pairs = blended.next_step().micro_batches[0].group_index.tolist()
         if blended.epoch > 0:
             break
         seen += pairs
@@ -105,7 +106,7 @@ def test_iterate_batches_is_one_ordered_pass():
     settings = dict(objective="dpo", mode="pair", share_prompt=False, sequence_length=64, micro_batch_size=5)
     batches = list(iterate_batches(dataset, range(17), **settings))
     assert [b.num_pairs for b in batches] == [5, 5, 5, 2]
-    assert sorted(i for b in batches for i in b.pair_index.tolist()) == list(range(17))
+    assert sorted(i for b in batches for i in b.group_index.tolist()) == list(range(17))
     again = list(iterate_batches(dataset, range(17), **settings))
     assert [batch_key(a) for a in batches] == [batch_key(b) for b in again]
 

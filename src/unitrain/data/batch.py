@@ -3,25 +3,33 @@
 A batch is R rows of T token slots (T = the longest row of this batch; shorter rows are padded).
 Per token slot:
   input_ids    (R, T) int64  token id (0 on padding)
-  position_ids (R, T) int64  RoPE position; restarts at 0 for each document. In the shared-prompt layout the
-                             rejected response continues from the end of the prompt, as if chosen were not there.
-  document_id  (R, T) int64  -1 on padding, else an id unique within the row (a shared-prompt pair is one document)
-  segment      (R, T) int64  SEGMENT_PAD / PLAIN / PROMPT / CHOSEN / REJECTED
+  position_ids (R, T) int64  RoPE position; restarts at 0 for each document. In a shared-prompt layout every
+                             response continues from the end of the prompt, as if no other response were there.
+  document_id  (R, T) int64  -1 on padding, else an id unique within the row (a prompt with its responses is one
+                             document)
+  segment      (R, T) int64  SEGMENT_PAD / PLAIN / PROMPT, or SEGMENT_RESPONSE + k for the k-th response of its
+                             document in this row (a pair: CHOSEN = RESPONSE, REJECTED = RESPONSE + 1)
 
 Attention rule (derived from this metadata once per batch by `unitrain.model.attention`): slot q attends to
-slot k of the same row iff k <= q, document_id[q] == document_id[k] != -1, and not
-(segment[q] == REJECTED and segment[k] == CHOSEN). With row order prompt, chosen, rejected this gives: chosen sees
-the prompt and earlier chosen tokens; rejected sees the prompt and earlier rejected tokens, never chosen ones.
+slot k of the same row iff k <= q, document_id[q] == document_id[k] != -1, and k is not a response slot of
+another response than q's (segment[k] <= PROMPT or segment[k] == segment[q]). With row order prompt, r_1, ...,
+r_N this gives: every response sees the prompt and its own earlier tokens, never another response.
 
 Per target (N targets in the whole batch, only tokens that count for the loss or the log-probs):
   target_tokens    (N,) int64  the token to predict
   target_positions (N,) int64  flat slot index r * T + t whose hidden state predicts it (explicit, not a shift
-                               by one: the first rejected token is predicted by the last prompt slot)
-  target_pair      (N,) int64  batch-local pair index in [0, P), or -1 for LM/SFT targets
-  target_response  (N,) int64  RESPONSE_CHOSEN / RESPONSE_REJECTED, or -1 for LM/SFT targets
-Per pair:
-  pair_index       (P,) int64  dataset index of each pair (to look up cached reference log-probs and to report
+                               by one: the first token of every response is predicted by the last prompt slot)
+  target_response  (N,) int64  batch-local response index in [0, Rb), or -1 for LM/SFT targets
+Per response (Rb responses; a group split over several rows still lists each response once):
+  response_group   (Rb,) int64   batch-local group index in [0, G)
+  response_number  (Rb,) int64   the response's number within its group in the dataset
+  response_score   (Rb,) float32 its score (a pair: chosen 1, rejected 0)
+Per pair (P pairs: what `group_pairs` makes of each group; a pair dataset gives one per group):
+  pair_responses   (P, 2) int64  batch-local (preferred, other) response indices
+Per group:
+  group_index      (G,) int64  dataset index of each group (to look up cached reference log-probs and to report
                                results in dataset order)
+For a pair dataset the responses are chosen, rejected, chosen, ... so response 2p + k is pair p's response k.
 """
 
 from __future__ import annotations
@@ -33,11 +41,9 @@ import torch
 SEGMENT_PAD = -1
 SEGMENT_PLAIN = 0
 SEGMENT_PROMPT = 1
-SEGMENT_CHOSEN = 2
-SEGMENT_REJECTED = 3
-
-RESPONSE_CHOSEN = 0
-RESPONSE_REJECTED = 1
+SEGMENT_RESPONSE = 2  # + k for a document's k-th response in the row
+SEGMENT_CHOSEN = SEGMENT_RESPONSE
+SEGMENT_REJECTED = SEGMENT_RESPONSE + 1
 
 
 @dataclass
@@ -48,9 +54,12 @@ class PackedBatch:
     segment: torch.Tensor
     target_tokens: torch.Tensor
     target_positions: torch.Tensor
-    target_pair: torch.Tensor
     target_response: torch.Tensor
-    pair_index: torch.Tensor
+    response_group: torch.Tensor
+    response_number: torch.Tensor
+    response_score: torch.Tensor
+    pair_responses: torch.Tensor
+    group_index: torch.Tensor
 
     @property
     def num_rows(self) -> int:
@@ -65,8 +74,16 @@ class PackedBatch:
         return self.target_tokens.shape[0]
 
     @property
+    def num_responses(self) -> int:
+        return self.response_group.shape[0]
+
+    @property
     def num_pairs(self) -> int:
-        return self.pair_index.shape[0]
+        return self.pair_responses.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_index.shape[0]
 
     @property
     def num_tokens(self) -> int:

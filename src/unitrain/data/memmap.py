@@ -114,15 +114,21 @@ class _Shard:
             raise UnitrainError(
                 f"{self.index_path}: group offsets do not add up to {num_responses} responses of ≥ 2 per group"
             )
-        begins = self.response_begins
-        lengths = np.repeat(self.lengths(), counts)  # (R,) length of each response's document
-        last = np.zeros(num_responses, dtype=bool)
-        last[self.group_offsets[1:] - 1] = True  # the last response of each group ends its document
-        ends = np.where(last, lengths, np.roll(begins, -1))
-        if ((begins < 0) | (begins >= ends)).any():
+        if ((self.response_begins < 0) | (self.response_lengths() <= 0)).any():
             raise UnitrainError(f"{self.index_path}: group response spans out of range")
         if not np.isfinite(self.scores).all():
             raise UnitrainError(f"{self.index_path}: a group score is not finite")
+
+    def response_lengths(self) -> np.ndarray:
+        """(R,) int32 tokens of every group response: to the next response's begin, the last to its document's
+        end (negative or zero when the spans are broken, which the open-time check refuses)."""
+        begins = self.response_begins.astype(np.int64)
+        counts = np.diff(self.group_offsets)
+        ends = np.repeat(self.lengths(), counts).astype(np.int64)  # (R,) document length, right for each last
+        not_last = np.ones(len(begins), dtype=bool)
+        not_last[self.group_offsets[1:][counts > 0] - 1] = False
+        ends[not_last] = begins[1:][not_last[:-1]]
+        return (ends - begins).astype(np.int32)
 
     def lengths(self) -> np.ndarray:
         """Document lengths (n,), int32 unless the shard is too large for it; computed, not kept."""
@@ -189,6 +195,8 @@ class GPTMemmapDataset:
         if self.kind not in KINDS:
             raise UnitrainError(f"{metadata_path}: unknown kind {self.kind!r}")
         self._shards = [_Shard(self.path, entry, self.kind) for entry in self.metadata["shards"]]
+        if len({shard.group_offsets is None for shard in self._shards}) > 1:
+            raise UnitrainError(f"{self.path}: shards mix preference pairs and groups (every shard must be one)")
         counts = [shard.num_documents for shard in self._shards]
         self._shard_starts = np.zeros(len(counts) + 1, np.int64)  # (S + 1,) first document of each shard
         np.cumsum(counts, out=self._shard_starts[1:])
@@ -240,6 +248,28 @@ class GPTMemmapDataset:
         if self.kind != "preference":
             raise UnitrainError(f"{self.path}: a {self.kind} dataset has no preference spans")
         return self._column("preference", lambda shard: shard.preference)
+
+    @property
+    def is_groups(self) -> bool:
+        """A preference dataset of groups (format version 2) rather than pairs."""
+        return bool(self._shards) and self._shards[0].group_offsets is not None
+
+    @property
+    def group_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(group_offsets (N + 1,) int64, response_lengths (R,) int32, scores (R,) float32)` over every shard:
+        document i's responses are `[group_offsets[i], group_offsets[i + 1])` of the flat arrays; groups only."""
+        if not self.is_groups:
+            raise UnitrainError(f"{self.path}: not a dataset of preference groups")
+        if "groups" not in self._columns:
+            counts, lengths, scores = [], [], []
+            for shard in self._shards:
+                counts.append(np.diff(shard.group_offsets))
+                lengths.append(shard.response_lengths())
+                scores.append(shard.scores)
+            offsets = np.zeros(len(self) + 1, np.int64)  # (N + 1,)
+            np.cumsum(np.concatenate(counts), out=offsets[1:])
+            self._columns["groups"] = (offsets, np.concatenate(lengths), np.concatenate(scores))
+        return self._columns["groups"]
 
     @property
     def sft_target_counts(self) -> np.ndarray:

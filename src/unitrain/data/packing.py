@@ -23,15 +23,13 @@ import numpy as np
 import torch
 
 from unitrain.data.batch import (
-    RESPONSE_CHOSEN,
-    RESPONSE_REJECTED,
-    SEGMENT_CHOSEN,
     SEGMENT_PAD,
     SEGMENT_PLAIN,
     SEGMENT_PROMPT,
-    SEGMENT_REJECTED,
+    SEGMENT_RESPONSE,
     PackedBatch,
 )
+from unitrain.data.ranking import GROUP_PAIRS, group_pairs
 from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
 
@@ -56,10 +54,25 @@ def check_kind(dataset, objective: str) -> None:
         raise UnitrainError("objective pretrain needs a pretraining or sft dataset, got a preference dataset")
 
 
-def sft_targets(sample: GPTSample) -> tuple[np.ndarray, int]:
-    """Indices (in the SFT document) of the tokens trained on, and the document length."""
+def best_response(scores: np.ndarray) -> int:
+    """The response SFT trains on in a group: the first of the top-scored ones."""
+    return int(np.argmax(scores))
+
+
+def sft_document(sample: GPTSample) -> np.ndarray:
+    """The tokens SFT trains on: the document; for preference data, prompt + chosen (a group's best response)."""
+    if sample.is_group:
+        best = sample.response_ids(best_response(sample.scores))
+        return np.concatenate([sample.prompt_ids, best])
     if sample.is_preference:
-        prompt_length, length = sample.chosen_span
+        return sample.token_ids[: sample.chosen_span[1]]
+    return sample.token_ids
+
+
+def sft_targets(sample: GPTSample) -> tuple[np.ndarray, int]:
+    """Indices (in `sft_document(sample)`) of the tokens trained on, and that document's length."""
+    if sample.is_preference:
+        prompt_length, length = len(sample.prompt_ids), len(sft_document(sample))
         return np.arange(max(prompt_length, 1), length), length
     length = len(sample.token_ids)
     keep = np.ones(length, dtype=bool)
@@ -68,6 +81,26 @@ def sft_targets(sample: GPTSample) -> tuple[np.ndarray, int]:
         for begin, end in sample.loss_masking_spans:
             keep[begin:end] = False
     return np.flatnonzero(keep), length
+
+
+def split_group(
+    prompt_length: int, response_lengths, sequence_length: int, share_prompt: bool
+) -> list[int] | None:
+    """Where the parts of a group start (response numbers) when it is laid out in rows of `sequence_length`:
+    `[0]` when it fits one row, more when it must be split (each part with its own copy of the prompt), None when
+    one response does not fit a row even with the prompt alone. Greedy, in response order: the planner and
+    `collate` call this same function, so they agree on every part."""
+    starts, used = [0], prompt_length if share_prompt else 0
+    for number, length in enumerate(response_lengths):
+        need = int(length) if share_prompt else prompt_length + int(length)
+        if used + need <= sequence_length:
+            used += need
+            continue
+        if prompt_length + int(length) > sequence_length:
+            return None
+        starts.append(number)
+        used = prompt_length + int(length)
+    return starts
 
 
 class _RowBuilder:
@@ -80,7 +113,7 @@ class _RowBuilder:
         self.segments: list[np.ndarray] = []
         self.length = 0
         self.num_documents = 0
-        self.targets: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # tokens, slots, pair, response
+        self.targets: list[tuple[np.ndarray, np.ndarray, int]] = []  # tokens, slots, batch-local response
 
     def add(self, tokens: np.ndarray, positions: np.ndarray, segment: int, document: int) -> int:
         start = self.length
@@ -95,38 +128,44 @@ class _RowBuilder:
         self.num_documents += 1
         return self.num_documents - 1
 
-    def target(self, tokens: np.ndarray, slots: np.ndarray, pair: int = -1, response: int = -1) -> None:
-        self.targets.append(
-            (np.asarray(tokens, dtype=np.int64), np.asarray(slots, dtype=np.int64), pair, response)
-        )
+    def target(self, tokens: np.ndarray, slots: np.ndarray, response: int = -1) -> None:
+        self.targets.append((np.asarray(tokens, dtype=np.int64), np.asarray(slots, dtype=np.int64), response))
+
+    def add_prompt(self, prompt: np.ndarray) -> tuple[int, int]:
+        """A new document starting with `prompt` → (document id, slot of the last prompt token)."""
+        document = self.new_document()
+        return document, self.add(prompt, np.arange(len(prompt)), SEGMENT_PROMPT, document) + len(prompt) - 1
+
+    def add_response(self, response: np.ndarray, segment: int, document: int, last_prompt: int, prompt_length: int,
+                     index: int) -> None:  # fmt: skip
+        start = self.add(response, np.arange(prompt_length, prompt_length + len(response)), segment, document)
+        # the first response token is predicted by the last prompt slot, the others by the slot before them
+        slots = np.concatenate([[last_prompt], np.arange(start, start + len(response) - 1)])
+        self.target(response, slots, index)
 
 
-def _add_response(
-    row: _RowBuilder,
-    response: np.ndarray,
-    segment: int,
-    document: int,
-    last_prompt: int,
-    prompt_length: int,
-    pair: int,
-    kind: int,
-) -> None:
-    start = row.add(response, np.arange(prompt_length, prompt_length + len(response)), segment, document)
-    # the first response token is predicted by the last prompt slot, the others by the slot before them
-    slots = np.concatenate([[last_prompt], np.arange(start, start + len(response) - 1)])
-    row.target(response, slots, pair, kind)
+class _Responses:
+    """The per-response, per-pair and per-group columns of a batch, filled group by group."""
 
+    def __init__(self, group_pairs_mode: str) -> None:
+        self.mode = group_pairs_mode
+        self.group: list[np.ndarray] = []
+        self.number: list[np.ndarray] = []
+        self.score: list[np.ndarray] = []
+        self.pairs: list[np.ndarray] = []
+        self.group_index: list[int] = []
+        self.count = 0
 
-def _add_pair(row: _RowBuilder, sample: GPTSample, pair: int, share_prompt: bool) -> None:
-    prompt, chosen, rejected = sample.prompt_ids, sample.chosen_ids, sample.rejected_ids
-    positions = np.arange(len(prompt))
-    document = row.new_document()
-    last = row.add(prompt, positions, SEGMENT_PROMPT, document) + len(prompt) - 1
-    _add_response(row, chosen, SEGMENT_CHOSEN, document, last, len(prompt), pair, RESPONSE_CHOSEN)
-    if not share_prompt:
-        document = row.new_document()
-        last = row.add(prompt, positions, SEGMENT_PROMPT, document) + len(prompt) - 1
-    _add_response(row, rejected, SEGMENT_REJECTED, document, last, len(prompt), pair, RESPONSE_REJECTED)
+    def add_group(self, index: int, scores: np.ndarray) -> int:
+        """Register a group (dataset index, its N scores) → the batch-local index of its first response."""
+        base = self.count
+        self.group.append(np.full(len(scores), len(self.group_index), np.int64))
+        self.number.append(np.arange(len(scores), dtype=np.int64))
+        self.score.append(np.asarray(scores, np.float32))
+        self.pairs.append(group_pairs(scores, self.mode) + base)
+        self.group_index.append(index)
+        self.count += len(scores)
+        return base
 
 
 def _add_document(row: _RowBuilder, sample: GPTSample, begin: int, end: int, objective: str) -> None:
@@ -137,95 +176,118 @@ def _add_document(row: _RowBuilder, sample: GPTSample, begin: int, end: int, obj
         row.target(tokens[1:], np.arange(start, start + len(tokens) - 1))
         return
     keep, length = sft_targets(sample)
-    start = row.add(sample.token_ids[:length], np.arange(length), SEGMENT_PLAIN, document)
-    row.target(sample.token_ids[keep], start + keep - 1)
+    tokens = sft_document(sample)
+    start = row.add(tokens, np.arange(length), SEGMENT_PLAIN, document)
+    row.target(tokens[keep], start + keep - 1)
+
+
+def _add_group(
+    builders: list[_RowBuilder], sample: GPTSample, numbers: range, base: int, mode: str, share_prompt: bool
+) -> None:
+    """Responses `numbers` of a group with the prompt: into the last builder (one document; with `share_prompt`
+    off, one document per response), or in `separate` mode one new builder per response (as TRL)."""
+    prompt = sample.prompt_ids
+    row = builders[-1] if mode != "separate" else None
+    document = last = None
+    for position, number in enumerate(numbers):
+        if mode == "separate":
+            row = _RowBuilder()
+            builders.append(row)
+        if document is None or mode == "separate" or not share_prompt:
+            document, last = row.add_prompt(prompt)
+            position = 0
+        segment = SEGMENT_RESPONSE + (position if mode != "separate" and share_prompt else 0)
+        row.add_response(sample.response_ids(number), segment, document, last, len(prompt), base + number)
 
 
 def read_rows(plan, rows, sample_of) -> list[list[tuple]]:
-    """Rows `rows` of a plan as lists of `(sample, document, begin, end)` items, `sample_of(document)` reading
-    each sample; `begin, end` is the token range of a pretraining piece (the whole document otherwise)."""
-    read = []
-    for r in rows:
-        items = []
-        for document, part in plan.row(r):
-            sample = sample_of(document)
-            begin = part * plan.sequence_length
-            items.append((sample, document, begin, min(begin + plan.sequence_length, len(sample.token_ids))))
-        read.append(items)
-    return read
+    """Rows `rows` of a plan as lists of `(sample, document, part)` items, `sample_of(document)` reading each
+    sample. `part` is a pretraining document's piece number, or for preference data 0 (the whole group) or
+    p ≥ 1 (part p of a group split over several batch rows)."""
+    return [[(sample_of(document), document, part) for document, part in plan.row(r)] for r in rows]
 
 
-def collate(dataset, plan, rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
-    """Rows `rows` (row numbers) of a plan of `dataset` → one PackedBatch (rows padded to the longest; two batch
-    rows per row in `separate`)."""
+def collate(
+    dataset, plan, rows, *, objective: str, mode: str, share_prompt: bool, group_pairs: str = "best_vs_rest"
+) -> PackedBatch:
+    """Rows `rows` (row numbers) of a plan of `dataset` → one PackedBatch (rows padded to the longest; in
+    `separate` one batch row per response, and a split group one batch row per part)."""
     read = read_rows(plan, rows, lambda document: dataset[document])
-    return collate_samples(read, objective=objective, mode=mode, share_prompt=share_prompt)
+    return collate_samples(
+        read,
+        objective=objective,
+        mode=mode,
+        share_prompt=share_prompt,
+        group_pairs=group_pairs,
+        sequence_length=plan.sequence_length,
+    )
 
 
-def collate_samples(rows, *, objective: str, mode: str, share_prompt: bool) -> PackedBatch:
-    """Like `collate`, from rows of `(sample, pair index, begin, end)` items already read (from any dataset)."""
+def collate_samples(
+    rows,
+    *,
+    objective: str,
+    mode: str,
+    share_prompt: bool,
+    group_pairs: str = "best_vs_rest",
+    sequence_length: int | None = None,
+) -> PackedBatch:
+    """Like `collate`, from rows of `(sample, document index, part)` items already read (from any dataset);
+    `sequence_length` is the planned row length, which places the parts of split groups."""
+    if group_pairs not in GROUP_PAIRS:
+        raise UnitrainError(f"group_pairs must be one of {', '.join(GROUP_PAIRS)}, got {group_pairs!r}")
     builders: list[_RowBuilder] = []
-    pair_index: list[int] = []
+    responses = _Responses(group_pairs)
     for items in rows:
         if objective != "dpo":
             builders.append(_RowBuilder())
-            for sample, _, begin, end in items:
-                _add_document(builders[-1], sample, begin, end, objective)
+            for sample, _, part in items:
+                begin = part * (sequence_length or 0)
+                end = len(sample.token_ids) if sequence_length is None else begin + sequence_length
+                _add_document(builders[-1], sample, begin, min(end, len(sample.token_ids)), objective)
             continue
         if mode != "separate":
             builders.append(_RowBuilder())
-        for sample, index, _, _ in items:
-            pair = len(pair_index)
-            pair_index.append(index)
-            if mode == "separate":
-                chosen_row, rejected_row = _RowBuilder(), _RowBuilder()
-                _add_pair_separate(chosen_row, rejected_row, sample, pair)
-                builders += [chosen_row, rejected_row]
-            else:
-                _add_pair(builders[-1], sample, pair, share_prompt)
-    return _assemble(builders, pair_index)
+        split: tuple[int, int] | None = None  # (document, first response) of the group being split
+        for sample, index, part in items:
+            scores = sample.group_scores
+            if part == 0:
+                base = responses.add_group(index, scores)
+                _add_group(builders, sample, range(len(scores)), base, mode, share_prompt)
+                continue
+            lengths = np.diff(sample.group_spans, axis=1)[:, 0]
+            starts = split_group(len(sample.prompt_ids), lengths, sequence_length, share_prompt) + [
+                len(scores)
+            ]
+            if split is None or split[0] != index:
+                split = (index, responses.add_group(index, scores))
+            if builders[-1].length:
+                builders.append(_RowBuilder())
+            _add_group(builders, sample, range(starts[part - 1], starts[part]), split[1], mode, share_prompt)
+    return _assemble(builders, responses)
 
 
-def _add_pair_separate(
-    chosen_row: _RowBuilder, rejected_row: _RowBuilder, sample: GPTSample, pair: int
-) -> None:
-    prompt = sample.prompt_ids
-    for row, response, segment, kind in (
-        (chosen_row, sample.chosen_ids, SEGMENT_CHOSEN, RESPONSE_CHOSEN),
-        (rejected_row, sample.rejected_ids, SEGMENT_REJECTED, RESPONSE_REJECTED),
-    ):
-        document = row.new_document()
-        last = row.add(prompt, np.arange(len(prompt)), SEGMENT_PROMPT, document) + len(prompt) - 1
-        _add_response(row, response, segment, document, last, len(prompt), pair, kind)
-
-
-def _assemble(builders: list[_RowBuilder], pair_index: list[int]) -> PackedBatch:
+def _assemble(builders: list[_RowBuilder], responses: _Responses) -> PackedBatch:
     num_rows = len(builders)
     width = max((row.length for row in builders), default=0)
     input_ids = np.zeros((num_rows, width), dtype=np.int64)
     position_ids = np.zeros((num_rows, width), dtype=np.int64)
     document_id = np.full((num_rows, width), -1, dtype=np.int64)
     segment = np.full((num_rows, width), SEGMENT_PAD, dtype=np.int64)
-    target_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    target_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for r, row in enumerate(builders):
         if row.length:
             input_ids[r, : row.length] = np.concatenate(row.tokens)
             position_ids[r, : row.length] = np.concatenate(row.positions)
             document_id[r, : row.length] = np.concatenate(row.documents)
             segment[r, : row.length] = np.concatenate(row.segments)
-        for tokens, slots, pair, response in row.targets:
-            count = len(tokens)
-            target_parts.append(
-                (
-                    tokens,
-                    r * width + slots,
-                    np.full(count, pair, np.int64),
-                    np.full(count, response, np.int64),
-                )
-            )
-    columns = [np.concatenate(part) if target_parts else np.zeros(0, np.int64) for part in zip(*target_parts)]
-    if not columns:
-        columns = [np.zeros(0, np.int64)] * 4
+        for tokens, slots, response in row.targets:
+            target_parts.append((tokens, r * width + slots, np.full(len(tokens), response, np.int64)))
+    columns = [np.concatenate(part) for part in zip(*target_parts)] or [np.zeros(0, np.int64)] * 3
+
+    def joined(parts: list[np.ndarray], dtype, shape=(0,)) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(shape, dtype))
+
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),  # (R, T)
         position_ids=torch.from_numpy(position_ids),  # (R, T)
@@ -233,7 +295,10 @@ def _assemble(builders: list[_RowBuilder], pair_index: list[int]) -> PackedBatch
         segment=torch.from_numpy(segment),  # (R, T)
         target_tokens=torch.from_numpy(columns[0]),  # (N,)
         target_positions=torch.from_numpy(columns[1]),  # (N,) flat r * T + t
-        target_pair=torch.from_numpy(columns[2]),  # (N,)
-        target_response=torch.from_numpy(columns[3]),  # (N,)
-        pair_index=torch.tensor(pair_index, dtype=torch.int64),  # (P,)
+        target_response=torch.from_numpy(columns[2]),  # (N,)
+        response_group=joined(responses.group, np.int64),  # (Rb,)
+        response_number=joined(responses.number, np.int64),  # (Rb,)
+        response_score=joined(responses.score, np.float32),  # (Rb,)
+        pair_responses=joined(responses.pairs, np.int64, (0, 2)).reshape(-1, 2),  # (P, 2)
+        group_index=torch.tensor(responses.group_index, dtype=torch.int64),  # (G,)
     )

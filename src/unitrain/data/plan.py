@@ -1,10 +1,11 @@
 """Epoch plans as a few flat arrays: which items share a row, the rows' order, and each row's counts.
 
 A plan is `item_document` (M,) int64 (a document id, offset by the sizes of the sources before its own),
-`item_part` (M,) int32 or None (piece k of a pretraining document = tokens [k·S, min((k+1)·S, L)); None when
-every item is piece 0), and per row `row_start` (R,) int64 into the items, `row_items` (R,) int32 and
-`row_counts` (R, 3) int32 (pairs, targets, chosen-response targets: a step's global counts are a sum over a
-slice, known on every rank without communication). No Python object per document or row: 10⁸ documents cost
+`item_part` (M,) int32 or None (piece k of a pretraining document = tokens [k·S, min((k+1)·S, L)); part p ≥ 1
+of a preference group split over a wide row; None when every item is whole), and per row `row_start` (R,) int64
+into the items, `row_items` (R,) int32 and `row_counts` (R, 4) int32 (`plan_items.COUNTS`: pairs, targets,
+chosen-response targets, groups: a step's global counts are a sum over a slice, known on every rank without
+communication). No Python object per document or row: 10⁸ documents cost
 ~14 bytes each (the plan file of a pretraining epoch), and a step reads a slice.
 
 Packing is exact best-fit decreasing (`plan_kernel.pack_window`) inside windows of `window` consecutive
@@ -14,8 +15,9 @@ the memory is bounded by the window, and the order stays random across the whole
 sources are shuffled together). A window that covers the epoch gives today's whole-epoch best fit exactly.
 
 Item costs (slots used in a row) are computed vectorized per window from the dataset's columns
-(`document_lengths`, `preference_spans`, `sft_target_counts`); see `packing.py` for what each objective puts in a
-row.
+(`document_lengths`, `preference_spans`, `group_columns`, `sft_target_counts`) in `plan_items.py`; see
+`packing.py` for what each objective puts in a row. A preference group longer than a row fills a wide row of its
+own (one batch row per part), placed after the packed rows of its window and shuffled with them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from unitrain.data.packing import check_kind, check_options
-from unitrain.errors import UnitrainError
+from unitrain.data.plan_items import COUNTS, Columns, extra_items, window_items
+from unitrain.data.ranking import check_mode
 
 CHUNK = 1 << 20  # documents per vectorized pass where only a sum is needed
 
@@ -38,11 +41,11 @@ class PackingPlan:
     item_part: np.ndarray | None  # (M,) int32, or None: every item is a whole document (part 0)
     row_start: np.ndarray  # (R,) int64 first item of each row in `item_document`
     row_items: np.ndarray  # (R,) int32 items in each row
-    row_counts: np.ndarray  # (R, 3) int32 pairs, targets, chosen-response targets
+    row_counts: np.ndarray  # (R, 4) int32 pairs, targets, chosen-response targets, groups
     sequence_length: int
-    dropped: int  # documents/pairs longer than a row, left out
+    dropped: int  # documents (or groups with a response) longer than a row, left out
     num_tokens: int  # real tokens in all rows
-    num_slots: int  # row slots counted at sequence_length (two batch rows per row in `separate`)
+    num_slots: int  # batch-row slots counted at sequence_length (a `separate` or wide row is several batch rows)
 
     def __len__(self) -> int:
         return len(self.row_start)
@@ -59,109 +62,52 @@ class PackingPlan:
         return list(zip(documents, parts))
 
 
-class _Columns:
-    """One dataset's per-document columns the costs need (lazy on the memmap reader, which reads lengths
-    straight from its mapped offsets)."""
-
-    def __init__(self, dataset, objective: str) -> None:
-        self.dataset = dataset
-        self.preference = dataset.preference_spans if dataset.kind == "preference" else None  # (N, 2)
-        self.sft_targets = (
-            dataset.sft_target_counts if objective == "sft" and self.preference is None else None
-        )
-
-    def lengths(self, docs: np.ndarray) -> np.ndarray:
-        """Lengths (n,) int64 of the documents `docs`."""
-        read = getattr(self.dataset, "lengths_of", None)
-        return read(docs) if read is not None else self.dataset.document_lengths[docs].astype(np.int64)
-
-
-def _window_items(columns: _Columns, docs: np.ndarray, objective: str, mode: str, share_prompt: bool, S: int):
-    """Items of the documents `docs` (in order): (document, part or None, cost, pairs, targets, chosen, tokens)."""
-    lengths = columns.lengths(docs)
-    zeros = np.zeros(len(docs), np.int64)
-    if objective == "pretrain":
-        if (lengths <= S).all():
-            kept = lengths > 0  # an empty document has no piece
-            docs, lengths = (docs, lengths) if kept.all() else (docs[kept], lengths[kept])
-            zeros = np.zeros(len(docs), np.int64)
-            return docs, None, lengths, zeros, lengths - 1, zeros, lengths
-        pieces = -(-lengths // S)  # (n,)
-        first = np.cumsum(pieces) - pieces
-        part = np.arange(int(pieces.sum())) - np.repeat(first, pieces)  # (m,)
-        cost = np.minimum(S, np.repeat(lengths, pieces) - part * S)
-        zeros = np.zeros(len(cost), np.int64)
-        return np.repeat(docs, pieces), part, cost, zeros, cost - 1, zeros, cost
-    if columns.preference is None:  # sft on an sft or pretraining dataset: the whole document
-        return docs, None, lengths, zeros, columns.sft_targets[docs].astype(np.int64), zeros, lengths
-    spans = columns.preference[docs].astype(np.int64)  # (n, 2) chosen begin, rejected begin
-    prompt, chosen, rejected = spans[:, 0], spans[:, 1] - spans[:, 0], lengths - spans[:, 1]
-    if objective == "sft":  # prompt + chosen, trained on chosen
-        return docs, None, spans[:, 1], zeros, spans[:, 1] - np.maximum(prompt, 1), zeros, spans[:, 1]
-    if (prompt == 0).any():
-        raise UnitrainError(
-            f"pair {int(docs[np.argmax(prompt == 0)])}: empty prompt, so nothing predicts the first response "
-            "token (prepare with a BOS token)"
-        )
-    duplicated = mode == "separate" or not share_prompt
-    tokens = prompt + chosen + rejected + (prompt if duplicated else 0)
-    cost = prompt + np.maximum(chosen, rejected) if mode == "separate" else tokens  # separate: its longer row
-    return docs, None, cost, np.ones(len(docs), np.int64), chosen + rejected, chosen, tokens
-
-
-def _extra_pieces(columns: _Columns, indices: np.ndarray, S: int) -> int:
-    """Pieces beyond the first of the documents `indices` (pretraining splits a document longer than S)."""
-    extra = 0
-    for begin in range(0, len(indices), CHUNK):
-        chunk = columns.lengths(indices[begin : begin + CHUNK])
-        extra += int(np.maximum(-(-chunk // S) - 1, 0).sum())
-    return extra
-
-
 @dataclass
 class _SourceRows:
     sizes: list  # per window: (rows,) int32 items per row
-    counts: list  # per window: (rows, 3) int32
+    counts: list  # per window: (rows, 4) int32
     written: int
     dropped: int
     tokens: int
+    batch_rows: int  # rows of the PackedBatches these plan rows become
 
 
 def _plan_source(columns, region, parts, count, *, offset, packing, S, window, bar) -> _SourceRows:
     """Pack the `count` documents at the end of `region` window by window, writing the items (global ids) from
-    the start of `region`. The writes never overtake the reads: `region` has room for every extra piece."""
+    the start of `region`. The writes never overtake the reads: `region` has room for every extra item (pieces,
+    parts of split groups)."""
     from unitrain.data.plan_kernel import pack_window
 
-    objective, mode, share_prompt = packing["objective"], packing["mode"], packing["share_prompt"]
-    one_per_row = objective == "dpo" and mode in ("pair", "separate")
+    one_per_row = packing["objective"] == "dpo" and packing["mode"] in ("pair", "separate")
     read, write = len(region) - count, 0
-    result = _SourceRows([], [], 0, 0, 0)
+    result = _SourceRows([], [], 0, 0, 0, 0)
     for begin in range(0, count, window):
         docs = region[read + begin : read + min(begin + window, count)].copy()  # (n,) before writes reach it
-        item_doc, item_part, cost, *columns_of_rows, tokens = _window_items(
-            columns, docs, objective, mode, share_prompt, S
-        )
-        fits = cost <= S
-        if not fits.all():
-            result.dropped += int((~fits).sum())
-            keep = np.flatnonzero(fits)
-            item_doc, cost, tokens = item_doc[keep], cost[keep], tokens[keep]
-            item_part = None if item_part is None else item_part[keep]
-            columns_of_rows = [column[keep] for column in columns_of_rows]
-        order, sizes = np.empty(len(cost), np.int64), np.empty(len(cost), np.int64)
-        rows = pack_window(cost, S, one_per_row, order, sizes)
-        region[write : write + len(order)] = item_doc[order] + offset
+        items = window_items(columns, docs, packing, S)
+        order, sizes = np.empty(len(items.cost), np.int64), np.empty(len(items.cost), np.int64)
+        rows = pack_window(items.cost, S, one_per_row, order, sizes)
+        region[write : write + len(order)] = items.document[order] + offset
         if parts is not None:
-            parts[write : write + len(order)] = 0 if item_part is None else item_part[order]
+            parts[write : write + len(order)] = 0 if items.part is None else items.part[order]
+        write += len(order)
         starts = np.cumsum(sizes[:rows]) - sizes[:rows]
-        counts = np.zeros((rows, 3), np.int32)
-        for c, column in enumerate(columns_of_rows):
-            if rows and column.any():
-                counts[:, c] = np.add.reduceat(column[order], starts)
+        counts = np.zeros((rows, len(COUNTS)), np.int32)
+        for c in range(len(COUNTS)):
+            if rows and items.counts[:, c].any():
+                counts[:, c] = np.add.reduceat(items.counts[order, c], starts)
+        result.batch_rows += rows if items.batch_rows is None else int(items.batch_rows.sum())
         result.sizes.append(sizes[:rows].astype(np.int32))
         result.counts.append(counts)
-        result.tokens += int(tokens.sum())
-        write += len(order)
+        for document, pieces, _ in items.wide:  # a split group: its parts fill a wide row
+            region[write : write + pieces] = document + offset
+            parts[write : write + pieces] = np.arange(1, pieces + 1)
+            write += pieces
+            result.batch_rows += pieces
+        if items.wide:
+            result.sizes.append(np.array([pieces for _, pieces, _ in items.wide], np.int32))
+            result.counts.append(np.stack([group_counts for _, _, group_counts in items.wide]).astype(np.int32))
+        result.tokens += items.tokens
+        result.dropped += items.dropped
         if bar is not None:
             bar.update(len(docs))
     result.written = write
@@ -186,6 +132,7 @@ def build_plan(
     mode: str,
     share_prompt: bool,
     sequence_length: int,
+    group_pairs: str = "best_vs_rest",
     window: int | None = None,
     rng: np.random.Generator | None = None,
     progress: bool = False,
@@ -198,14 +145,15 @@ def build_plan(
     one window.
     """
     check_options(objective, mode, sequence_length)
-    packing = dict(objective=objective, mode=mode, share_prompt=share_prompt)
+    check_mode(group_pairs)
+    packing = dict(objective=objective, mode=mode, share_prompt=share_prompt, group_pairs=group_pairs)
     S = int(sequence_length)
     columns, regions, total = [], [], 0
     for dataset, indices, wanted, _ in sources:
         check_kind(dataset, objective)
-        columns.append(_Columns(dataset, objective))
+        columns.append(Columns(dataset, objective))
         repeats = -(-wanted // len(indices)) if len(indices) else 0
-        extra = repeats * _extra_pieces(columns[-1], indices, S) if objective == "pretrain" else 0
+        extra = repeats * extra_items(columns[-1], np.asarray(indices, np.int64), packing, S)
         regions.append((total, wanted + extra, wanted))
         total += wanted + extra
     items = np.empty(total, np.int64)
@@ -241,7 +189,7 @@ def build_plan(
     if bar is not None:
         bar.close()
     sizes = np.concatenate([s for _, rows in planned for s in rows.sizes] or [np.zeros(0, np.int32)])
-    counts = np.concatenate([c for _, rows in planned for c in rows.counts] or [np.zeros((0, 3), np.int32)])
+    counts = np.concatenate([c for _, rows in planned for c in rows.counts] or [np.zeros((0, len(COUNTS)), np.int32)])
     for _, rows in planned:  # the per-window pieces are copied: let them go before the shuffle
         rows.sizes.clear()
         rows.counts.clear()
@@ -252,8 +200,6 @@ def build_plan(
         sizes = sizes[order]
         counts = counts[order]
         del order
-    rows_total = len(sizes)
-    batch_rows_per_row = 2 if objective == "dpo" and mode == "separate" else 1
     return PackingPlan(
         item_document=items[:write],
         item_part=None if parts is None else parts[:write],
@@ -263,7 +209,7 @@ def build_plan(
         sequence_length=S,
         dropped=sum(rows.dropped for _, rows in planned),
         num_tokens=sum(rows.tokens for _, rows in planned),
-        num_slots=rows_total * S * batch_rows_per_row,
+        num_slots=S * sum(rows.batch_rows for _, rows in planned),
     )
 
 
@@ -275,13 +221,15 @@ def plan_rows(
     mode: str,
     share_prompt: bool,
     sequence_length: int,
+    group_pairs: str = "best_vs_rest",
     window: int | None = None,
 ) -> PackingPlan:
     """Pack the documents `indices` (in the caller's order, which breaks ties) into rows, best-fit decreasing.
 
-    Modes `pair` and `separate` put one pair per row; `packed` and the pretrain/sft objectives fill rows.
-    `efficiency` = real tokens / (row slots counted at `sequence_length`, two batch rows per row in `separate`).
-    Rows are in the order the packer opened them (largest items first).
+    Modes `pair` and `separate` put one group (pair) per row; `packed` and the pretrain/sft objectives fill rows.
+    `efficiency` = real tokens / (batch-row slots counted at `sequence_length`: one batch row per response in
+    `separate`, one per part of a split group). Rows are in the order the packer opened them (largest items
+    first), then the wide rows of split groups.
     """
     indices = np.asarray(indices, dtype=np.int64)
     return build_plan(
@@ -290,5 +238,6 @@ def plan_rows(
         mode=mode,
         share_prompt=share_prompt,
         sequence_length=sequence_length,
+        group_pairs=group_pairs,
         window=window,
     )

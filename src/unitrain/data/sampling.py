@@ -23,9 +23,10 @@ import numpy as np
 from unitrain.data.batch import PackedBatch
 from unitrain.data.packing import check_options, collate, collate_samples, read_rows
 from unitrain.data.plan import PackingPlan, build_plan, plan_rows
+from unitrain.data.ranking import check_mode
 from unitrain.errors import UnitrainError
 
-PLAN_VERSION = 1  # part of the plan cache key: bump when the same settings would plan differently
+PLAN_VERSION = 2  # part of the plan cache key: bump when the same settings would plan differently
 
 
 def split_indices(num_documents: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +47,7 @@ class StepBatches:
     global_pairs: int  # pairs in this step over every micro-batch of every rank
     global_targets: int  # targets (loss tokens) in this step over every micro-batch of every rank
     global_chosen_targets: int  # chosen-response targets, the token count that normalizes the `sft` loss
+    global_groups: int  # preference groups (a pair is one), what normalizes a listwise loss
 
 
 class BatchStream:
@@ -67,6 +69,7 @@ class BatchStream:
         micro_batch_size: int,
         accumulation_steps: int,
         seed: int,
+        group_pairs: str = "best_vs_rest",
         rank: int = 0,
         world_size: int = 1,
         window: int | None = None,
@@ -89,7 +92,8 @@ class BatchStream:
         self.sources = [(dataset, np.asarray(indices, dtype=np.int64)) for dataset, indices, _ in sources]
         self.weights = weights / weights.sum()
         self.offsets = np.cumsum([0] + [len(dataset) for dataset, _ in self.sources])[:-1]
-        self.packing = dict(objective=objective, mode=mode, share_prompt=share_prompt)
+        check_mode(group_pairs)
+        self.packing = dict(objective=objective, mode=mode, share_prompt=share_prompt, group_pairs=group_pairs)
         self.sequence_length = sequence_length
         self.micro_batch_size = micro_batch_size
         self.accumulation_steps = accumulation_steps
@@ -196,8 +200,8 @@ class BatchStream:
             self._collate(mine[k : k + self.micro_batch_size])
             for k in range(0, per_rank, self.micro_batch_size)
         ]
-        pairs, targets, chosen = (int(total) for total in counts.sum(axis=0))
-        return StepBatches(micro_batches, pairs, targets, chosen)
+        pairs, targets, chosen, groups = (int(total) for total in counts.sum(axis=0))
+        return StepBatches(micro_batches, pairs, targets, chosen, groups)
 
     def _sample(self, document: int):
         """A sample by its stream-wide document id (the source's offset + its index in the source)."""
@@ -206,7 +210,7 @@ class BatchStream:
 
     def _collate(self, rows) -> PackedBatch:
         read = [items for plan, r in rows for items in read_rows(plan, [r], self._sample)]
-        return collate_samples(read, **self.packing)
+        return collate_samples(read, sequence_length=self.sequence_length, **self.packing)
 
     def state_dict(self) -> dict:
         return {
@@ -222,7 +226,9 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         """Resume at the exact next row; refuses a state whose plan would differ (seed, packing, data)."""
         mine = self.state_dict()
-        for key in ("seed", "sequence_length", "window", "objective", "mode", "share_prompt", "fingerprints"):
+        state = {"group_pairs": "best_vs_rest", **state}  # saved before groups existed: pairs, one per group
+        keys = ("seed", "sequence_length", "window", "objective", "mode", "share_prompt", "group_pairs")
+        for key in (*keys, "fingerprints"):
             if state.get(key) != mine[key]:
                 raise UnitrainError(
                     f"cannot resume the data stream: {key} was {state.get(key)!r} and is now {mine[key]!r}"
@@ -244,9 +250,10 @@ def iterate_batches(
     share_prompt: bool,
     sequence_length: int,
     micro_batch_size: int,
+    group_pairs: str = "best_vs_rest",
 ) -> Iterator[PackedBatch]:
     """One ordered pass (no shuffle) over `indices`: the plan's rows, `micro_batch_size` at a time."""
-    packing = dict(objective=objective, mode=mode, share_prompt=share_prompt)
+    packing = dict(objective=objective, mode=mode, share_prompt=share_prompt, group_pairs=group_pairs)
     plan = plan_rows(dataset, indices, sequence_length=sequence_length, **packing)
     for start in range(0, len(plan), micro_batch_size):
         yield collate(dataset, plan, range(start, min(start + micro_batch_size, len(plan))), **packing)

@@ -39,17 +39,22 @@ SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")  # the losses that 
 
 
 def response_logps(
-    logps: torch.Tensor, target_pair: torch.Tensor, target_response: torch.Tensor, num_pairs: int
+    logps: torch.Tensor, target_response: torch.Tensor, num_responses: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-probs (N,) → per-pair response sums (P, 2) and token counts (P, 2) (column 0 chosen, 1 rejected).
+    """Target log-probs (N,) → per-response sums (Rb,) and token counts (Rb,).
 
-    Targets with `target_pair < 0` (LM/SFT targets) are ignored."""
-    keep = target_pair >= 0  # (N,)
-    slot = target_pair[keep] * 2 + target_response[keep]  # (n,) flat index into (P, 2)
-    sums = logps.new_zeros(num_pairs * 2).index_add(0, slot, logps[keep])  # (2P,)
-    counts = torch.zeros(num_pairs * 2, dtype=torch.int64, device=logps.device)
-    counts = counts.index_add(0, slot, torch.ones_like(slot))  # (2P,)
-    return sums.view(num_pairs, 2), counts.view(num_pairs, 2)
+    Targets with `target_response < 0` (LM/SFT targets) are ignored."""
+    keep = target_response >= 0  # (N,)
+    slot = target_response[keep]  # (n,)
+    sums = logps.new_zeros(num_responses).index_add(0, slot, logps[keep])  # (Rb,)
+    counts = torch.zeros(num_responses, dtype=torch.int64, device=logps.device)
+    counts = counts.index_add(0, slot, torch.ones_like(slot))  # (Rb,)
+    return sums, counts
+
+
+def pair_view(values: torch.Tensor, pair_responses: torch.Tensor) -> torch.Tensor:
+    """Per-response values (Rb,) → (P, 2): column 0 the preferred response's, column 1 the other's."""
+    return values[pair_responses]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 calls the resulting `Attention` on its q/k/v.
 
 The rule (see `unitrain.data.batch`): slot q attends to slot k of its row iff k <= q, both are in the same
-document, and not (q is a rejected token and k a chosen one); with a Mistral sliding window also
+document, and k is not a token of another response than q's; with a Mistral sliding window also
 position[q] - position[k] < window. Padding slots attend only to themselves, so no softmax row is empty (an empty
 row is NaN, and NaN * 0 still poisons the gradient).
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from unitrain.data.batch import SEGMENT_CHOSEN, SEGMENT_PLAIN, SEGMENT_REJECTED, PackedBatch
+from unitrain.data.batch import SEGMENT_PLAIN, SEGMENT_PROMPT, PackedBatch
 
 BACKENDS = ("auto", "causal", "dense", "blocks", "flex")
 
@@ -43,7 +43,7 @@ def attention_rule(
 ) -> torch.Tensor:
     """Elementwise (broadcasting) allowed[q, k] of the attention rule; shared by every backend."""
     allowed = (slot_k <= slot_q) & (document_q == document_k) & (document_q >= 0)
-    allowed = allowed & ~((segment_q == SEGMENT_REJECTED) & (segment_k == SEGMENT_CHOSEN))
+    allowed = allowed & ((segment_k <= SEGMENT_PROMPT) | (segment_k == segment_q))  # never another response
     if sliding_window is not None:
         allowed = allowed & (position_q - position_k < sliding_window)
     return allowed | (slot_q == slot_k)
