@@ -43,8 +43,7 @@ def packed_batch(rows: int, row_length: int, document_length: int, pairs: bool, 
                 position_ids[r, slot + prompt + chosen : slot + n] = torch.arange(prompt, n - chosen)
             slot, doc = slot + n, doc + 1
     input_ids = torch.randint(0, vocab, shape, generator=generator)
-    empty = torch.zeros(0, dtype=torch.long)
-    return PackedBatch(input_ids, position_ids, document_id, segment, empty, empty, empty, empty, empty)
+    return PackedBatch.layout_only(input_ids, position_ids, document_id, segment)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from unitrain.data.batch import SEGMENT_CHOSEN, SEGMENT_PLAIN, SEGMENT_PROMPT, SEGMENT_REJECTED, PackedBatch
+from unitrain.data.batch import SEGMENT_PLAIN, SEGMENT_PROMPT, SEGMENT_RESPONSE, PackedBatch
 
 TINY = dict(
     vocab_size=160,
@@ -60,8 +60,9 @@ def architecture(request: pytest.FixtureRequest) -> str:
 
 def _make_batch(rows: list[list[tuple[list[int], str]]], row_length: int | None = None) -> PackedBatch:
     """Build a PackedBatch by hand. Each row is a list of documents; a document is (tokens, kind) with kind
-    "plain" or "pair:P:C" (a shared-prompt pair with a prompt of P tokens and a chosen response of C tokens,
-    the rest rejected). Targets are not filled in: tests compute them from the layout themselves."""
+    "plain", "pair:P:C" (a shared-prompt pair with a prompt of P tokens and a chosen response of C tokens, the
+    rest rejected) or "group:P:L1:...:Lk" (a prompt of P tokens and responses of L1, ..., Lk tokens, the last one
+    taking the rest). Targets are not filled in: tests compute them from the layout themselves."""
     length = row_length or max(sum(len(tokens) for tokens, _ in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.zeros(shape, dtype=torch.long)
@@ -76,16 +77,17 @@ def _make_batch(rows: list[list[tuple[list[int], str]]], row_length: int | None 
             document_id[r, slot : slot + n] = doc
             position_ids[r, slot : slot + n] = torch.arange(n)
             segment[r, slot : slot + n] = SEGMENT_PLAIN
-            if kind.startswith("pair"):
-                _, prompt, chosen = kind.split(":")
-                prompt, chosen = int(prompt), int(chosen)
+            if kind.startswith(("pair", "group")):
+                prompt, *lengths = (int(v) for v in kind.split(":")[1:])
+                lengths.append(n - prompt - sum(lengths))
                 segment[r, slot : slot + prompt] = SEGMENT_PROMPT
-                segment[r, slot + prompt : slot + prompt + chosen] = SEGMENT_CHOSEN
-                segment[r, slot + prompt + chosen : slot + n] = SEGMENT_REJECTED
-                position_ids[r, slot + prompt + chosen : slot + n] = torch.arange(prompt, n - chosen)
+                begin = slot + prompt
+                for number, length in enumerate(lengths):  # every response continues from the prompt
+                    segment[r, begin : begin + length] = SEGMENT_RESPONSE + number
+                    position_ids[r, begin : begin + length] = torch.arange(prompt, prompt + length)
+                    begin += length
             slot += n
-    empty = torch.zeros(0, dtype=torch.long)
-    return PackedBatch(input_ids, position_ids, document_id, segment, empty, empty, empty, empty, empty)
+    return PackedBatch.layout_only(input_ids, position_ids, document_id, segment)
 
 
 @pytest.fixture(scope="session")

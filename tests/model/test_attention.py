@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unitrain.data.batch import SEGMENT_CHOSEN, SEGMENT_REJECTED
+from unitrain.data.batch import SEGMENT_PROMPT
 from unitrain.model import ModelConfig, build_model
 from unitrain.model.attention import build_attention, dense_mask
 
 LAYOUT = [
     [(40, "plain"), (15, "pair:5:4"), (3, "plain"), (1, "plain")],
-    [(22, "pair:9:3"), (17, "plain")],
+    [(22, "pair:9:3"), (17, "plain"), (24, "group:4:6:2:9")],
     [(6, "plain")],
 ]
 
@@ -35,7 +35,7 @@ def _literal_mask(batch, window):
         for q in range(length):
             for k in range(length):
                 same = doc[r][q] == doc[r][k] != -1 and k <= q
-                cross = seg[r][q] == SEGMENT_REJECTED and seg[r][k] == SEGMENT_CHOSEN
+                cross = seg[r][k] > SEGMENT_PROMPT and seg[r][k] != seg[r][q]  # another response's token
                 inside = window is None or pos[r][q] - pos[r][k] < window
                 mask[r, 0, q, k] = (same and not cross and inside) or (q == k)
     return mask

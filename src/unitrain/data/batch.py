@@ -61,6 +61,15 @@ class PackedBatch:
     pair_responses: torch.Tensor
     group_index: torch.Tensor
 
+    @classmethod
+    def layout_only(cls, input_ids, position_ids, document_id, segment) -> PackedBatch:
+        """A batch of slots without targets or responses (for attention checks and plain forward passes)."""
+        empty = input_ids.new_zeros(0)
+        return cls(
+            input_ids, position_ids, document_id, segment, empty, empty, empty, empty, empty,
+            empty.float(), input_ids.new_zeros(0, 2), empty,
+        )  # fmt: skip
+
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]

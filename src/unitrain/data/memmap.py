@@ -196,7 +196,9 @@ class GPTMemmapDataset:
             raise UnitrainError(f"{metadata_path}: unknown kind {self.kind!r}")
         self._shards = [_Shard(self.path, entry, self.kind) for entry in self.metadata["shards"]]
         if len({shard.group_offsets is None for shard in self._shards}) > 1:
-            raise UnitrainError(f"{self.path}: shards mix preference pairs and groups (every shard must be one)")
+            raise UnitrainError(
+                f"{self.path}: shards mix preference pairs and groups (every shard must be one)"
+            )
         counts = [shard.num_documents for shard in self._shards]
         self._shard_starts = np.zeros(len(counts) + 1, np.int64)  # (S + 1,) first document of each shard
         np.cumsum(counts, out=self._shard_starts[1:])

@@ -45,7 +45,9 @@ class PackingPlan:
     sequence_length: int
     dropped: int  # documents (or groups with a response) longer than a row, left out
     num_tokens: int  # real tokens in all rows
-    num_slots: int  # batch-row slots counted at sequence_length (a `separate` or wide row is several batch rows)
+    num_slots: (
+        int  # batch-row slots counted at sequence_length (a `separate` or wide row is several batch rows)
+    )
 
     def __len__(self) -> int:
         return len(self.row_start)
@@ -105,7 +107,9 @@ def _plan_source(columns, region, parts, count, *, offset, packing, S, window, b
             result.batch_rows += pieces
         if items.wide:
             result.sizes.append(np.array([pieces for _, pieces, _ in items.wide], np.int32))
-            result.counts.append(np.stack([group_counts for _, _, group_counts in items.wide]).astype(np.int32))
+            result.counts.append(
+                np.stack([group_counts for _, _, group_counts in items.wide]).astype(np.int32)
+            )
         result.tokens += items.tokens
         result.dropped += items.dropped
         if bar is not None:
@@ -189,7 +193,9 @@ def build_plan(
     if bar is not None:
         bar.close()
     sizes = np.concatenate([s for _, rows in planned for s in rows.sizes] or [np.zeros(0, np.int32)])
-    counts = np.concatenate([c for _, rows in planned for c in rows.counts] or [np.zeros((0, len(COUNTS)), np.int32)])
+    counts = np.concatenate(
+        [c for _, rows in planned for c in rows.counts] or [np.zeros((0, len(COUNTS)), np.int32)]
+    )
     for _, rows in planned:  # the per-window pieces are copied: let them go before the shuffle
         rows.sizes.clear()
         rows.counts.clear()

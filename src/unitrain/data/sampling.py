@@ -93,7 +93,9 @@ class BatchStream:
         self.weights = weights / weights.sum()
         self.offsets = np.cumsum([0] + [len(dataset) for dataset, _ in self.sources])[:-1]
         check_mode(group_pairs)
-        self.packing = dict(objective=objective, mode=mode, share_prompt=share_prompt, group_pairs=group_pairs)
+        self.packing = dict(
+            objective=objective, mode=mode, share_prompt=share_prompt, group_pairs=group_pairs
+        )
         self.sequence_length = sequence_length
         self.micro_batch_size = micro_batch_size
         self.accumulation_steps = accumulation_steps

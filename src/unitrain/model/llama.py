@@ -177,7 +177,7 @@ class Transformer(nn.Module):
             attention = causal_attention()
         else:
             plain = torch.zeros_like(input_ids)
-            batch = PackedBatch(input_ids, positions, plain, plain, *([plain.new_zeros(0)] * 5))
+            batch = PackedBatch.layout_only(input_ids, positions, plain, plain)
             attention = build_attention(batch, "dense", window)
         hidden = self._decode(input_ids, positions, attention)  # (B, T, D)
         return hidden @ self.lm_head_weight.T  # (B, T, V)
