@@ -366,7 +366,15 @@ def _default_text(field: Any) -> str:
     if field.default_factory is not None:
         return "(section)"
     default = field.default
-    return "`null`" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
+    if default is None:
+        return "`null`"
+    # a bare scalar is dumped as a document ending in `...` on a line of its own: one line, without it
+    return f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: on one line, its pipes escaped so they do not open a new cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def configuration_markdown() -> str:
@@ -403,7 +411,8 @@ def configuration_markdown() -> str:
         ]
         for key, sub in sections[0].model_fields.items():
             lines.append(
-                f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_default_text(sub)} | {sub.description} |"
+                f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_cell(_default_text(sub))} "
+                f"| {_cell(sub.description)} |"
             )
         lines.append("")
     return "\n".join(lines)

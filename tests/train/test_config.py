@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,24 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     path = write(tmp_path, base())
     assert main(["train", str(path), "dpo.beta=0.2"]) == 2
     assert capsys.readouterr().err == f"error: {path}: dpo settings are given but objective is sft\n"
+
+
+def _cells(row: str) -> int:
+    """Cells of a Markdown table row: pipes not escaped as `\\|`, less the outer two, plus one."""
+    return len(re.findall(r"(?<!\\)\|", row)) - 1
+
+
+def test_configuration_doc_rows_are_one_table_row_each(monkeypatch):
+    from unitrain.config import PackingSection
+
+    # a description with a pipe and a line break must not split its row either
+    monkeypatch.setattr(PackingSection.model_fields["mode"], "description", "either a | b\nor c")
+    lines = configuration_markdown().splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    assert len(rows) > 40
+    assert {_cells(row) for row in rows} == {4}
+    # every line of a table is a row: nothing spills onto a line of its own
+    for before, line, after in zip(lines, lines[1:], lines[2:]):
+        if before.startswith("|") and after.startswith("|"):
+            assert line.startswith("|"), line
+    assert "| `packing.mode` | `separate` \\| `pair` \\| `packed` | `packed` | either a \\| b or c |" in rows
