@@ -9,6 +9,7 @@ adding an option means adding a field, and the docs follow automatically.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
 import types
@@ -265,6 +266,14 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
 
 
+class ConfigProblem(UnitrainError):
+    """A config that does not validate; `location` is the dotted key path of the problem (empty: several keys)."""
+
+    def __init__(self, message: str, location: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.location = location
+
+
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
     """Refuse unknown keys before pydantic sees them, naming the closest valid key."""
     if not isinstance(raw, dict):
@@ -278,39 +287,50 @@ def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
                 if close
                 else f" (valid: {', '.join(model.model_fields)})"
             )
-            raise UnitrainError(f"unknown key '{full}'{hint}")
+            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
         for sub_model in _model_classes(model.model_fields[key].annotation):
             items = value if isinstance(value, list) else [value]
             for item in items:
                 _check_keys(item, sub_model, f"{prefix}{key}.")
 
 
+OVERRIDE_SOURCE = "command line override '{}'"
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as a YAML scalar or flow list/mapping."""
+    source = OVERRIDE_SOURCE.format(override)
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise UnitrainError(f"override '{override}': expected key=value (e.g. dpo.beta=0.2)")
+        raise UnitrainError(f"{source}: expected key=value (e.g. dpo.beta=0.2)")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UnitrainError(
-            f"override '{override}': value is not valid YAML ({error})".replace("\n", " ")
-        ) from None
+        raise UnitrainError(f"{source}: value is not valid YAML ({error})".replace("\n", " ")) from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UnitrainError(f"override '{override}': '{part}' is not a section")
+            raise UnitrainError(f"{source}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
 
-def _format_error(error: ValidationError) -> str:
+def _problem(error: ValidationError) -> ConfigProblem:
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
+    location = tuple(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
-    return f"{location}: {message}" if location else message
+    return ConfigProblem(f"{'.'.join(location)}: {message}" if location else message, location)
+
+
+def _validate(raw: dict) -> TrainConfig:
+    """A TrainConfig, or a `ConfigProblem` (one line, without the source) for the first problem."""
+    _check_keys(raw, TrainConfig, "")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _problem(error) from None
 
 
 def parse_config(raw: Any, source: str = "config") -> TrainConfig:
@@ -318,16 +338,33 @@ def parse_config(raw: Any, source: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
         raise UnitrainError(f"{source}: expected a mapping of sections at the top level")
     try:
-        _check_keys(raw, TrainConfig, "")
-        return TrainConfig.model_validate(raw)
-    except UnitrainError as error:
-        raise UnitrainError(f"{source}: {error}") from None
-    except ValidationError as error:
-        raise UnitrainError(f"{source}: {_format_error(error)}") from None
+        return _validate(raw)
+    except ConfigProblem as problem:
+        raise UnitrainError(f"{source}: {problem}") from None
+
+
+def _blamed_override(problem: ConfigProblem, overrides: list[str], states: list[dict]) -> str | None:
+    """The override a problem comes from: the last one that sets its key (or a section around or inside it);
+    for a problem of several keys, the first override after which it appears. None: the file's own problem."""
+    for override in reversed(overrides):
+        key = tuple(override.partition("=")[0].split("."))
+        common = min(len(key), len(problem.location))
+        if common and key[:common] == problem.location[:common]:
+            return override
+    if problem.location:
+        return None
+    for override, state in zip([None, *overrides], states):
+        try:
+            _validate(state)
+        except ConfigProblem as earlier:
+            if str(earlier) == str(problem):
+                return override
+    return None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply dotted overrides in order, validate."""
+    """Read a YAML config, apply dotted overrides in order, validate. A problem names the file, or the
+    command-line override it comes from."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -337,9 +374,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise UnitrainError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise UnitrainError(f"{path}: expected a mapping of sections at the top level")
+    states = [copy.deepcopy(raw)]  # the file alone, then after each override
     for override in overrides:
         apply_override(raw, override)
-    return parse_config(raw, source=str(path))
+        states.append(copy.deepcopy(raw))
+    try:
+        return _validate(raw)
+    except ConfigProblem as problem:
+        override = _blamed_override(problem, list(overrides), states)
+        source = path if override is None else OVERRIDE_SOURCE.format(override)
+        raise UnitrainError(f"{source}: {problem}") from None
 
 
 def config_to_yaml(config: TrainConfig) -> str:

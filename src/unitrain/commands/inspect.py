@@ -17,7 +17,9 @@ HELP = "show a prepared dataset's metadata and decoded samples"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="prepared dataset directory")
     parser.add_argument("--index", type=int, default=0, help="first document to show")
-    parser.add_argument("--count", type=int, default=3, help="number of documents to show")
+    parser.add_argument(
+        "--count", type=int, default=3, help="number of documents to show (0: the summary only)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per sample, no summary")
 
 
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     decode = TextTokenizer(dataset.tokenizer_path).decode
     if not 0 <= args.index < max(len(dataset), 1):
         raise UnitrainError(f"--index {args.index} out of range for {len(dataset)} documents")
+    if args.count < 0:
+        raise UnitrainError(f"--count {args.count}: expected 0 (the summary only) or more documents")
     indices = range(args.index, min(args.index + args.count, len(dataset)))
     if args.json:
         for index in indices:
