@@ -58,6 +58,11 @@ class DataSection(Section):
         description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
         "none disables validation.",
     )
+    allow_tokenizer_mismatch: bool = Field(
+        False,
+        description="Train although `model.path` (or `dpo.reference_model`) ships a `tokenizer.json` that is not "
+        "the one the datasets were prepared with; only for tokenizers known to give the same ids.",
+    )
 
     @field_validator("validation")
     @classmethod

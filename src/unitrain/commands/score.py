@@ -45,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     parser.add_argument("--limit", type=int, help="score only the first N pairs of the dataset")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="score although a model's tokenizer.json is not the one the data was prepared with",
     )
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)"
@@ -80,6 +85,8 @@ def _score(
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap import GPTMemmapDataset
     from unitrain.model import from_pretrained
+    from unitrain.train.compat import check_tokenizer, check_vocab_size
+    from unitrain.train.dist import resolve_device
 
     started = time.perf_counter()
     dataset = GPTMemmapDataset(args.data)
@@ -89,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         raise UnitrainError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise UnitrainError(f"--limit must be at least 1, got {args.limit}")
+    device = resolve_device(args.device, setting="--device ")
+    for path in (args.model, args.reference):
+        if path is not None:
+            check_tokenizer(path, [dataset], args.allow_tokenizer_mismatch, "--allow-tokenizer-mismatch")
     indices = np.arange(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
     longest = int(dataset.document_lengths[indices].max()) if len(indices) else 0
     # a pair needs at most prompt + chosen + rejected + prompt slots; without --sequence-length every pair fits
@@ -100,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     for role, path in (("policy", args.model), ("reference", args.reference)):
         if path is None:
             continue
-        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=args.device).eval()
-        scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, args.device, role)
+        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
+        check_vocab_size(model.config.vocab_size, dataset.vocab_size, path)
+        scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, device, role)
         del model
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from unitrain.config import TrainConfig, config_to_yaml
 from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
+from unitrain.train.compat import check_tokenizer, check_vocab_size
 from unitrain.train.data import TrainingData, load_training_data
 from unitrain.train.dist import DistContext, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
@@ -67,16 +68,17 @@ class PolicyLogprobs(torch.nn.Module):
 def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
 
+    for checkpoint in (config.model.path, config.dpo.reference_model):
+        if checkpoint is not None:
+            allowed = config.data.allow_tokenizer_mismatch
+            check_tokenizer(checkpoint, data.datasets, allowed, "data.allow_tokenizer_mismatch=true")
     if config.model.path is not None:
         model = from_pretrained(config.model.path, dtype=torch.float32)
     else:
         torch.manual_seed(config.train.seed)
         hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **config.model.config}
         model = build_model(ModelConfig.from_hf(hf, source="model.config"))
-    if model.config.vocab_size < data.vocab_size:
-        raise UnitrainError(
-            f"model vocab_size {model.config.vocab_size} is smaller than the dataset's {data.vocab_size}"
-        )
+    check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
     return model
 
 
