@@ -25,6 +25,7 @@ import torch
 from unitrain.data.batch import PackedBatch
 from unitrain.data.sampling import iterate_batches
 from unitrain.errors import UnitrainError
+from unitrain.files import follow_umask
 from unitrain.losses.logprobs import target_logprobs
 from unitrain.losses.preference import response_logps
 from unitrain.model import from_pretrained
@@ -200,4 +201,5 @@ def _write_cache(path: Path, key: dict, tables: list[np.ndarray]) -> None:
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # ranks writing at once never collide
     tensors = {f"logps.{k}": np.ascontiguousarray(table) for k, table in enumerate(tables)}
     save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "key": json.dumps(key)})
+    follow_umask(partial)
     os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind

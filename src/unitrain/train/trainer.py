@@ -76,7 +76,16 @@ def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
         model = from_pretrained(config.model.path, dtype=torch.float32)
     else:
         torch.manual_seed(config.train.seed)
-        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **config.model.config}
+        special = {
+            "bos_token_id": data.datasets[0].bos_id,
+            "eos_token_id": data.eos_id,
+        }  # the data's tokenizer
+        hf = {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": data.vocab_size,
+            **special,
+            **config.model.config,
+        }
         model = build_model(ModelConfig.from_hf(hf, source="model.config"))
     check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
     return model
