@@ -15,6 +15,7 @@ import numpy as np
 
 from unitrain.config import TrainConfig
 from unitrain.errors import UnitrainError
+from unitrain.text import counted
 from unitrain.train.dist import DistContext
 
 
@@ -30,15 +31,59 @@ class TrainingData:
     eos_id: int | None
     tokenizer_path: Path | None
 
+    @property
+    def held_out(self) -> int:
+        """Validation documents (or pairs) over every validation dataset."""
+        return sum(len(indices) for _, indices in self.validation)
+
     def validation_batches(self):
-        """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order."""
+        """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order. Rows
+        grow to the longest held-out document or pair (as the reference cache's do), so none is left out."""
         from unitrain.data.sampling import iterate_batches
 
         for position, indices in self.validation:
-            batches = iterate_batches(
-                self.datasets[position], indices, micro_batch_size=self.micro_batch_size, **self.packing
-            )
+            dataset, packing = self.datasets[position], self.packing
+            # a pretraining document is cut into pieces that always fit; other documents and pairs are whole
+            if packing["objective"] != "pretrain":
+                fitting = max(packing["sequence_length"], slots_to_fit(dataset, indices, packing))
+                packing = {**packing, "sequence_length": fitting}
+            batches = iterate_batches(dataset, indices, micro_batch_size=self.micro_batch_size, **packing)
             yield from ((position, batch) for batch in batches)
+
+
+def slots_to_fit(dataset, indices: np.ndarray, packing: dict) -> int:
+    """Row slots that hold every document or pair of `indices`: the longest document (a pair's prompt + chosen +
+    rejected), doubled when DPO stores the prompt twice (`share_prompt: false`; an upper bound then)."""
+    if not len(indices):
+        return 0
+    longest = int(dataset.document_lengths[indices].max())
+    duplicated = (
+        packing["objective"] == "dpo" and packing["mode"] != "separate" and not packing["share_prompt"]
+    )
+    return 2 * longest if duplicated else longest
+
+
+def describe_rows(data: TrainingData) -> list[str]:
+    """Lines for the user: how full the rows are, how many documents/pairs do not fit a row (they are never
+    trained on) and which row length would fit them; how many held-out ones validation evaluates (all)."""
+    stream, length = data.stream, data.packing["sequence_length"]
+    unit = "pair" if data.packing["objective"] == "dpo" else "document"
+    lines = [f"packing: {stream.efficiency:.1%} of row slots hold tokens"]
+    if stream.dropped:
+        fitting = max(slots_to_fit(dataset, indices, data.packing) for dataset, indices in stream.sources)
+        lines[0] += (
+            f"; {counted(stream.dropped, unit)} of this epoch need more than packing.sequence_length={length} "
+            f"slots and are not trained on; packing.sequence_length={fitting} would keep them all"
+        )
+        max_lengths = [dataset.metadata.get("max_length") for dataset, _ in stream.sources]
+        if unit == "pair" and all(max_lengths) and length < 2 * max(max_lengths):
+            lines[0] += (
+                " (prepare --max-length caps prompt + the longer response, so a pair may need up to 2 x "
+                "max-length slots)"
+            )
+    if data.validation:
+        lines.append(f"validation: all {counted(data.held_out, f'held-out {unit}')} are evaluated")
+    return lines
 
 
 def _open_dataset(path: str, key: str, objective: str):

@@ -73,8 +73,15 @@ class MetricsWriter:
                 return
             self._tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
+    def logged(self, step: int) -> dict[str, float]:
+        """Every metric already written for `step` (rank 0; empty elsewhere)."""
+        rows = read_metrics(self.path) if self.enabled else []
+        return {
+            key: value for row in rows if row["step"] == step for key, value in row.items() if key != "step"
+        }
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
