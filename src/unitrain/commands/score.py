@@ -1,9 +1,10 @@
 """`unitrain score`: per-pair log-probs of a model (and a reference) on a preference dataset, as JSON lines.
 
-Evaluates a model on held-out preferences and doubles as the correctness probe of the packed layouts: whatever
-`--packing` and `--share-prompt` say, the numbers are those of each prompt+response run alone. Rows grow to the
-longest pair unless `--sequence-length` is given, so by default no pair is skipped; a pair that does not fit an
-explicit length is skipped and counted in the summary.
+Evaluates a model on held-out preferences (`--held-out RUN_DIR`: the pairs a training run held out for
+validation) and doubles as the correctness probe of the packed layouts: whatever `--packing` and `--share-prompt`
+say, the numbers are those of each prompt+response run alone. Rows grow to the longest pair unless
+`--sequence-length` is given, so by default no pair is skipped; a pair that does not fit an explicit length is
+skipped and counted in the summary.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequence-length", type=int, help="row budget in tokens (default: 2048, raised to the longest pair)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    parser.add_argument("--limit", type=int, help="score only the first N pairs of the dataset")
+    parser.add_argument(
+        "--held-out",
+        metavar="RUN_DIR",
+        help="score only the pairs the training run in RUN_DIR held out (its validation pairs of --data)",
+    )
+    parser.add_argument("--limit", type=int, help="score only the first N pairs (of the held-out ones)")
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
     )
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap import GPTMemmapDataset
     from unitrain.model import from_pretrained
     from unitrain.train.compat import check_tokenizer, check_vocab_size
+    from unitrain.train.data import held_out_indices
     from unitrain.train.dist import resolve_device
 
     started = time.perf_counter()
@@ -100,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.model, args.reference):
         if path is not None:
             check_tokenizer(path, [dataset], args.allow_tokenizer_mismatch, "--allow-tokenizer-mismatch")
-    indices = np.arange(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
+    indices = held_out_indices(args.held_out, dataset) if args.held_out else np.arange(len(dataset))
+    indices = indices[: args.limit]
     longest = int(dataset.document_lengths[indices].max()) if len(indices) else 0
     # a pair needs at most prompt + chosen + rejected + prompt slots; without --sequence-length every pair fits
     sequence_length = args.sequence_length or max(2048, 2 * longest)
@@ -140,11 +148,27 @@ def run(args: argparse.Namespace) -> int:
             wins += chosen - rejected > margin
             handle.write(json.dumps(row) + "\n")
     partial.replace(output)
-    pairs = len(scored["policy"])
-    against = "the reference's margin" if args.reference else "0"
-    print(
-        f"scored {pairs} pairs ({skipped} skipped: longer than --sequence-length {sequence_length}) in "
-        f"{time.perf_counter() - started:.1f}s; preference accuracy {wins / max(pairs, 1):.4f} "
-        f"(chosen_logp - rejected_logp above {against}); wrote {output}"
-    )
+    print(_summary(args, len(scored["policy"]), skipped, wins, time.perf_counter() - started))
     return 0
+
+
+def _summary(args: argparse.Namespace, pairs: int, skipped: int, wins: int, seconds: float) -> str:
+    """What was scored, from where, and whether those pairs were held out from training: a number measured on
+    pairs a model trained on says little about pairs it did not."""
+    from unitrain.text import counted
+
+    scored = counted(pairs, "pair")
+    if args.held_out:
+        scored += f" that {args.held_out} held out from training (its validation pairs)"
+    else:
+        scored += f" of {args.data}" + (f" (the first {args.limit:,})" if args.limit else "")
+    if args.sequence_length:  # without it rows grow to the longest pair: none is skipped
+        scored += f", {skipped:,} skipped (longer than --sequence-length {args.sequence_length})"
+    against = "the reference's margin" if args.reference else "0"
+    line = (
+        f"scored {scored} in {seconds:.1f}s; preference accuracy {wins / max(pairs, 1):.4f} "
+        f"(chosen_logp - rejected_logp above {against})"
+    )
+    if not args.held_out:
+        line += "; not known to be held out (--held-out RUN_DIR scores the pairs a run never trained on)"
+    return f"{line}; wrote {args.output}"

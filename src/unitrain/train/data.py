@@ -7,6 +7,7 @@ plans one epoch up front to turn it into a step count, so the schedule and the E
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,50 @@ def describe_rows(data: TrainingData) -> list[str]:
     if data.validation:
         lines.append(f"validation: all {counted(data.held_out, f'held-out {unit}')} are evaluated")
     return lines
+
+
+VALIDATION_RECORD = "validation.json"
+
+
+def write_validation_record(output_dir: Path, data: TrainingData, config: TrainConfig) -> None:
+    """`output_dir/validation.json`: which pairs/documents of which dataset (by fingerprint) the run held out,
+    as the rule that picks them, so `unitrain score --held-out` scores exactly those."""
+    entries = []
+    for position, indices in data.validation:
+        dataset = data.datasets[position]
+        entry = {"path": str(dataset.path), "fingerprint": dataset.fingerprint, "documents": len(dataset)}
+        entry["held_out"] = len(indices)
+        if isinstance(config.data.validation, float):
+            entry.update(fraction=config.data.validation, seed=config.train.seed)
+        entries.append(entry)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / f".{VALIDATION_RECORD}.partial"
+    partial.write_text(json.dumps({"datasets": entries}, indent=2) + "\n")
+    partial.replace(output_dir / VALIDATION_RECORD)
+
+
+def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
+    """The indices of `dataset` the run in `run_dir` held out from training (its validation documents/pairs)."""
+    from unitrain.data.sampling import split_indices
+
+    path = Path(run_dir) / VALIDATION_RECORD
+    if not path.is_file():
+        raise UnitrainError(f"{path} not found: {run_dir} is not the output directory of a training run")
+    entries = json.loads(path.read_text())["datasets"]
+    if not entries:
+        raise UnitrainError(f"{run_dir} held nothing out (its data.validation is not set)")
+    entry = next((entry for entry in entries if entry["fingerprint"] == dataset.fingerprint), None)
+    if entry is None:
+        validated = ", ".join(entry["path"] for entry in entries)
+        raise UnitrainError(
+            f"{dataset.path} is not a dataset {run_dir} held pairs out of (it validated on {validated})"
+        )
+    if "fraction" not in entry:
+        return np.arange(len(dataset))
+    _, indices = split_indices(entry["documents"], entry["fraction"], entry["seed"])
+    if len(indices) != entry["held_out"]:
+        raise UnitrainError(f"{path}: {entry['held_out']} held out, but its rule now picks {len(indices)}")
+    return indices
 
 
 def _open_dataset(path: str, key: str, objective: str):

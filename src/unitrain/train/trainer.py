@@ -27,7 +27,7 @@ from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.compat import check_tokenizer, check_vocab_size
-from unitrain.train.data import TrainingData, describe_rows, load_training_data
+from unitrain.train.data import TrainingData, describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
@@ -112,6 +112,8 @@ class Trainer:
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
         self._report_packing()
+        if context.is_main:  # what `unitrain score --held-out` reads
+            write_validation_record(self.output_dir, self.data, config)
         self.model = _load_policy(config, self.data).to(context.device)
         if self.resume_from is None and config.model.path is None and context.is_main:
             # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
