@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import difflib
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -213,6 +212,25 @@ class ParallelSection(Section):
     )
 
 
+class WandbSection(Section):
+    enabled: bool = Field(
+        False,
+        description="Also log to Weights & Biases (the `wandb` extra: `pip install 'unitrain[wandb]'`) from rank 0: "
+        "the metrics of `metrics.jsonl` under the same names, this config, and the final summary.",
+    )
+    project: str = Field("unitrain", description="W&B project.")
+    entity: str | None = Field(None, description="W&B user or team; default: the logged-in user's default.")
+    name: str | None = Field(None, description="W&B run name; default: the name of `run.output_dir`.")
+    tags: list[str] = Field([], description="W&B run tags.")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="`offline`: write the run under `dir` only (no network), for `wandb sync` later.",
+    )
+    dir: str | None = Field(
+        None, description="Directory of W&B's files (a `wandb/` inside it); default: `run.output_dir`."
+    )
+
+
 class TrainConfig(Section):
     objective: Literal["pretrain", "sft", "dpo"] = Field(
         description="Training loss: LM, masked LM, or DPO-family."
@@ -227,6 +245,9 @@ class TrainConfig(Section):
     train: TrainSection = Field(description="Length, seed, precision.")
     run: RunSection = Field(default_factory=RunSection, description="Output, logging and checkpoint cadence.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
+    wandb: WandbSection = Field(
+        default_factory=WandbSection, description="Weights & Biases logging (off by default)."
+    )
 
     @model_validator(mode="after")
     def _contradictions(self) -> TrainConfig:
@@ -395,77 +416,7 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{arg}`" for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return " \\| ".join(_type_name(arg) for arg in args)
-    if annotation is type(None):
-        return "null"
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args if arg is not Ellipsis)}]"
-    return annotation.__name__
-
-
-def _default_text(field: Any) -> str:
-    if field.is_required():
-        return "required"
-    if field.default_factory is not None:
-        return "(section)"
-    default = field.default
-    if default is None:
-        return "`null`"
-    # a bare scalar is dumped as a document ending in `...` on a line of its own: one line, without it
-    return f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
-
-
-def _cell(text: str) -> str:
-    """Text as one Markdown table cell: on one line, its pipes escaped so they do not open a new cell."""
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def configuration_markdown() -> str:
-    """docs/configuration.md: every key with its type, default and meaning, from the models above."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `src/unitrain/config.py` by `python -m unitrain.config docs/configuration.md`; "
-        "do not edit by hand.",
-        "",
-        "A run is one YAML file; any key can be overridden on the command line with a dotted path, the value "
-        "parsed as YAML: `unitrain train run.yaml dpo.beta=0.2 optimizer.betas=[0.9,0.99]`.",
-        "",
-    ]
-    for name, field in TrainConfig.model_fields.items():
-        sections = _model_classes(field.annotation)
-        if not sections:
-            lines += [
-                f"## `{name}`",
-                "",
-                f"{field.description}",
-                "",
-                f"Type {_type_name(field.annotation)}; {_default_text(field)}.",
-                "",
-            ]
-            continue
-        lines += [
-            f"## `{name}`",
-            "",
-            f"{field.description}",
-            "",
-            "| key | type | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        for key, sub in sections[0].model_fields.items():
-            lines.append(
-                f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_cell(_default_text(sub))} "
-                f"| {_cell(sub.description)} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    from unitrain.config_docs import configuration_markdown
+
     Path(sys.argv[1]).write_text(configuration_markdown())

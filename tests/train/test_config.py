@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unitrain.config import config_to_yaml, configuration_markdown, load_config, parse_config
+from unitrain.config import config_to_yaml, load_config, parse_config
+from unitrain.config_docs import configuration_markdown
 from unitrain.errors import UnitrainError
 
 REPO = Path(__file__).resolve().parents[2]

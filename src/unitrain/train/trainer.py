@@ -31,6 +31,7 @@ from unitrain.train.data import TrainingData, describe_rows, load_training_data,
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
+from unitrain.train.wandb_logger import require_wandb
 
 
 @dataclass
@@ -109,6 +110,8 @@ class Trainer:
                 f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.output_dir)} (run.output_dir); check "
                 "run.output_dir, or leave out --resume to start a new run"
             )
+        if config.wandb.enabled and context.is_main:
+            require_wandb()
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
         self._report_packing()
@@ -392,6 +395,8 @@ class Trainer:
             self.context.is_main,
             run.tensorboard,
             resume_step=self.step if self.resume_from is not None else None,
+            wandb=self.config.wandb,
+            run_config=self.config.model_dump(mode="json"),
         )
         finished = self.resume_from is not None and self.step >= total
         if finished and self.context.is_main:
@@ -436,6 +441,7 @@ class Trainer:
                 if self.context.is_main:
                     ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
                 last_metrics = {**last_metrics, **self._final_evaluation(writer, finished)}
+                writer.summarize({"steps": self.step, "skipped_steps": self.skipped, **last_metrics})
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
