@@ -50,7 +50,7 @@ def _run_config(run_dir: Path) -> dict:
 
 
 def _title(run_dir: Path, config: dict, rows: list[dict]) -> str:
-    parts = [run_dir.name, config.get("objective", "")]
+    parts = [str(run_dir), config.get("objective", "")]
     if config.get("objective") == "dpo":
         dpo = config.get("dpo", {})
         parts.append(f"{dpo.get('loss')} loss, β {dpo.get('beta')}, reference {dpo.get('reference')}")
