@@ -95,3 +95,19 @@ def test_resume_with_another_architecture_is_one_clear_error(pretrain_data, tmp_
         UnitrainError, match="cannot resume from .*step-00000002.* differs .* in head_dim, hidden_size"
     ):
         train(wider, resume=True)
+
+
+def test_a_run_saved_without_special_token_ids_still_resumes(pretrain_data, tmp_path, tiny_config):
+    """Runs from `model.config` now record the data's BOS/EOS ids; one saved before (null ids) resumes all the same."""
+    import json
+
+    train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}))
+    stored = latest_checkpoint(tmp_path) / "model_config.json"
+    assert json.loads(stored.read_text())["eos_token_id"] == 0
+    stored.write_text(
+        json.dumps({**json.loads(stored.read_text()), "bos_token_id": None, "eos_token_id": None})
+    )
+    assert (
+        train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 3}), resume=True).steps
+        == 3
+    )

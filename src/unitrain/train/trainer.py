@@ -44,6 +44,8 @@ class TrainResult:
     held_out: int = 0  # validation documents (or pairs), every one of them evaluated
 
 
+# token ids written to config.json, not architecture: a run saved before they were filled in still resumes
+SPECIAL_TOKEN_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 DPO_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chosen_logps", "rejected_logps")
 
 
@@ -79,16 +81,10 @@ def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
         model = from_pretrained(config.model.path, dtype=torch.float32)
     else:
         torch.manual_seed(config.train.seed)
-        special = {
-            "bos_token_id": data.datasets[0].bos_id,
-            "eos_token_id": data.eos_id,
-        }  # the data's tokenizer
-        hf = {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": data.vocab_size,
-            **special,
-            **config.model.config,
-        }
+        # BOS/EOS of the data's tokenizer go into config.json, so that an export's `generate` stops at EOS
+        special = {"bos_token_id": data.datasets[0].bos_id, "eos_token_id": data.eos_id}
+        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **special}
+        hf.update(config.model.config)
         model = build_model(ModelConfig.from_hf(hf, source="model.config"))
     check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
     return model
@@ -213,7 +209,7 @@ class Trainer:
         current = json.loads(json.dumps(self.model.config.to_hf()))  # as stored: tuples become lists
         changed = sorted(
             key
-            for key in set(current) | set(state["model_config"])
+            for key in (set(current) | set(state["model_config"])) - SPECIAL_TOKEN_KEYS
             if current.get(key) != state["model_config"].get(key)
         )
         if changed:
@@ -455,9 +451,12 @@ class Trainer:
     def _final_evaluation(self, writer: MetricsWriter, finished: bool) -> dict[str, float]:
         """Validation after the last step, logged once: a finished run resumed again keeps the one it logged.
         Rank 0 alone reads metrics.jsonl; every rank follows its answer (validation may be collective)."""
-        logged = {key: value for key, value in writer.logged(self.step).items() if key.startswith("eval/")}
-        if finished and any_rank(bool(logged), self.context):
-            return logged
+        if finished:
+            logged = {
+                key: value for key, value in writer.logged(self.step).items() if key.startswith("eval/")
+            }
+            if any_rank(bool(logged), self.context):
+                return logged
         final = self.evaluate()
         writer.log(self.step, final)
         return final
