@@ -38,3 +38,14 @@ def test_inspect_count_zero_prints_the_summary_only(prepared, capsys):
     assert main(["inspect", str(prepared), "--count", "0"]) == 0
     out = capsys.readouterr().out
     assert "preference dataset" in out and "=== document" not in out
+
+
+def test_inspect_counts_in_words(tmp_path, gpt2_tokenizer_path, capsys):
+    (tmp_path / "one.jsonl").write_text(
+        json.dumps({"prompt": "Hi", "chosen": " yes", "rejected": " no"}) + "\n"
+    )
+    argv = ["prepare", "--input", str(tmp_path / "one.jsonl"), "--tokenizer", str(gpt2_tokenizer_path)]
+    assert main([*argv, "--output", str(tmp_path / "one"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "one"), "--count", "0"]) == 0
+    assert ", 1 document, " in capsys.readouterr().out

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from unitrain.errors import UnitrainError
+from unitrain.text import counted
 
 HELP = "show a prepared dataset's metadata and decoded samples"
 
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     meta = dataset.metadata
     lengths = dataset.document_lengths
     print(
-        f"{args.path}: {meta['kind']} dataset, format v{meta['format_version']}, {len(dataset):,} documents, "
-        f"{meta['num_tokens']:,} tokens ({meta['token_dtype']}), {len(meta['shards'])} shard(s)"
+        f"{args.path}: {meta['kind']} dataset, format v{meta['format_version']}, {counted(len(dataset), 'document')}, "
+        f"{counted(meta['num_tokens'], 'token')} ({meta['token_dtype']}), {counted(len(meta['shards']), 'shard')}"
     )
     if len(lengths):
         print(f"  document length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
