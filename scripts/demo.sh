@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the shared HH-RLHF data, on a fresh machine, in a few minutes on 2 CPU cores:
-# install → prepare (implicit prompts split off, prompt stored once) → inspect → DPO-train a tiny random Llama
-# → score the trained model against its starting point → plot the curves.
+# install into .venv/ (scripts/setup.sh) → prepare (implicit prompts split off, prompt stored once) → inspect →
+# DPO-train a tiny random Llama → score the trained model against its starting point on the pairs the run held
+# out (never trained on) → plot the curves.
 # Everything is written under $OUT (default: ./runs/demo). Extra arguments are config overrides for training,
 # e.g. `scripts/demo.sh train.max_steps=60 dpo.beta=0.2`.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/demo}"
 DATA="../shared/data"
 
-bash scripts/setup.sh dev,plot
+source scripts/setup.sh plot
 mkdir -p "$OUT"
 
 echo "== prepare: HH-RLHF preference pairs → $OUT/hh-rlhf"
@@ -24,9 +25,9 @@ echo "== train: DPO of a tiny random Llama (configs/tiny-dpo.yaml)"
 rm -rf "$OUT/run"  # the demo starts a new run each time (train refuses to start over an old run's checkpoints)
 unitrain train configs/tiny-dpo.yaml data.train="$OUT/hh-rlhf" run.output_dir="$OUT/run" "$@"
 
-echo "== score: the trained policy against its starting point, on the first 400 pairs"
+echo "== score: the trained policy against its starting point, on the pairs the run held out from training"
 unitrain score --model "$OUT/run/hf" --reference "$OUT/run/initial" --data "$OUT/hh-rlhf" \
-    --limit 400 --output "$OUT/scores.jsonl"
+    --held-out "$OUT/run" --output "$OUT/scores.jsonl"
 
 echo "== plot: $OUT/run/curves.png"
 unitrain plot "$OUT/run"

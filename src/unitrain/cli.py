@@ -23,9 +23,12 @@ COMMANDS = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    from unitrain import __version__
+
     parser = argparse.ArgumentParser(
         prog="unitrain", description="Pretraining, SFT and DPO from one token format."
     )
+    parser.add_argument("--version", action="version", version=f"unitrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

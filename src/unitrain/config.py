@@ -9,9 +9,9 @@ adding an option means adding a field, and the docs follow automatically.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +56,11 @@ class DataSection(Section):
         None,
         description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
         "none disables validation.",
+    )
+    allow_tokenizer_mismatch: bool = Field(
+        False,
+        description="Train although `model.path` (or `dpo.reference_model`) ships a `tokenizer.json` that is not "
+        "the one the datasets were prepared with; only for tokenizers known to give the same ids.",
     )
 
     @field_validator("validation")
@@ -213,6 +218,25 @@ class ParallelSection(Section):
     )
 
 
+class WandbSection(Section):
+    enabled: bool = Field(
+        False,
+        description="Also log to Weights & Biases (the `wandb` extra: `pip install 'unitrain[wandb]'`) from rank 0: "
+        "the metrics of `metrics.jsonl` under the same names, this config, and the final summary.",
+    )
+    project: str = Field("unitrain", description="W&B project.")
+    entity: str | None = Field(None, description="W&B user or team; default: the logged-in user's default.")
+    name: str | None = Field(None, description="W&B run name; default: the name of `run.output_dir`.")
+    tags: list[str] = Field([], description="W&B run tags.")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="`offline`: write the run under `dir` only (no network), for `wandb sync` later.",
+    )
+    dir: str | None = Field(
+        None, description="Directory of W&B's files (a `wandb/` inside it); default: `run.output_dir`."
+    )
+
+
 class TrainConfig(Section):
     objective: Literal["pretrain", "sft", "dpo"] = Field(
         description="Training loss: LM, masked LM, or DPO-family."
@@ -227,6 +251,9 @@ class TrainConfig(Section):
     train: TrainSection = Field(description="Length, seed, precision.")
     run: RunSection = Field(default_factory=RunSection, description="Output, logging and checkpoint cadence.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
+    wandb: WandbSection = Field(
+        default_factory=WandbSection, description="Weights & Biases logging (off by default)."
+    )
 
     @model_validator(mode="after")
     def _contradictions(self) -> TrainConfig:
@@ -271,6 +298,14 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
 
 
+class ConfigProblem(UnitrainError):
+    """A config that does not validate; `location` is the dotted key path of the problem (empty: several keys)."""
+
+    def __init__(self, message: str, location: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.location = location
+
+
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
     """Refuse unknown keys before pydantic sees them, naming the closest valid key."""
     if not isinstance(raw, dict):
@@ -284,39 +319,50 @@ def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
                 if close
                 else f" (valid: {', '.join(model.model_fields)})"
             )
-            raise UnitrainError(f"unknown key '{full}'{hint}")
+            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
         for sub_model in _model_classes(model.model_fields[key].annotation):
             items = value if isinstance(value, list) else [value]
             for item in items:
                 _check_keys(item, sub_model, f"{prefix}{key}.")
 
 
+OVERRIDE_SOURCE = "command line override '{}'"
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as a YAML scalar or flow list/mapping."""
+    source = OVERRIDE_SOURCE.format(override)
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise UnitrainError(f"override '{override}': expected key=value (e.g. dpo.beta=0.2)")
+        raise UnitrainError(f"{source}: expected key=value (e.g. dpo.beta=0.2)")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UnitrainError(
-            f"override '{override}': value is not valid YAML ({error})".replace("\n", " ")
-        ) from None
+        raise UnitrainError(f"{source}: value is not valid YAML ({error})".replace("\n", " ")) from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UnitrainError(f"override '{override}': '{part}' is not a section")
+            raise UnitrainError(f"{source}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
 
-def _format_error(error: ValidationError) -> str:
+def _problem(error: ValidationError) -> ConfigProblem:
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
+    location = tuple(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
-    return f"{location}: {message}" if location else message
+    return ConfigProblem(f"{'.'.join(location)}: {message}" if location else message, location)
+
+
+def _validate(raw: dict) -> TrainConfig:
+    """A TrainConfig, or a `ConfigProblem` (one line, without the source) for the first problem."""
+    _check_keys(raw, TrainConfig, "")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise _problem(error) from None
 
 
 def parse_config(raw: Any, source: str = "config") -> TrainConfig:
@@ -324,16 +370,33 @@ def parse_config(raw: Any, source: str = "config") -> TrainConfig:
     if not isinstance(raw, dict):
         raise UnitrainError(f"{source}: expected a mapping of sections at the top level")
     try:
-        _check_keys(raw, TrainConfig, "")
-        return TrainConfig.model_validate(raw)
-    except UnitrainError as error:
-        raise UnitrainError(f"{source}: {error}") from None
-    except ValidationError as error:
-        raise UnitrainError(f"{source}: {_format_error(error)}") from None
+        return _validate(raw)
+    except ConfigProblem as problem:
+        raise UnitrainError(f"{source}: {problem}") from None
+
+
+def _blamed_override(problem: ConfigProblem, overrides: list[str], states: list[dict]) -> str | None:
+    """The override a problem comes from: the last one that sets its key (or a section around or inside it);
+    for a problem of several keys, the first override after which it appears. None: the file's own problem."""
+    for override in reversed(overrides):
+        key = tuple(override.partition("=")[0].split("."))
+        common = min(len(key), len(problem.location))
+        if common and key[:common] == problem.location[:common]:
+            return override
+    if problem.location:
+        return None
+    for override, state in zip([None, *overrides], states):
+        try:
+            _validate(state)
+        except ConfigProblem as earlier:
+            if str(earlier) == str(problem):
+                return override
+    return None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply dotted overrides in order, validate."""
+    """Read a YAML config, apply dotted overrides in order, validate. A problem names the file, or the
+    command-line override it comes from."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -343,77 +406,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise UnitrainError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise UnitrainError(f"{path}: expected a mapping of sections at the top level")
+    states = [copy.deepcopy(raw)]  # the file alone, then after each override
     for override in overrides:
         apply_override(raw, override)
-    return parse_config(raw, source=str(path))
+        states.append(copy.deepcopy(raw))
+    try:
+        return _validate(raw)
+    except ConfigProblem as problem:
+        override = _blamed_override(problem, list(overrides), states)
+        source = path if override is None else OVERRIDE_SOURCE.format(override)
+        raise UnitrainError(f"{source}: {problem}") from None
 
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{arg}`" for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return " \\| ".join(_type_name(arg) for arg in args)
-    if annotation is type(None):
-        return "null"
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args if arg is not Ellipsis)}]"
-    return annotation.__name__
-
-
-def _default_text(field: Any) -> str:
-    if field.is_required():
-        return "required"
-    if field.default_factory is not None:
-        return "(section)"
-    default = field.default
-    return "`null`" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
-
-
-def configuration_markdown() -> str:
-    """docs/configuration.md: every key with its type, default and meaning, from the models above."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `src/unitrain/config.py` by `python -m unitrain.config docs/configuration.md`; "
-        "do not edit by hand.",
-        "",
-        "A run is one YAML file; any key can be overridden on the command line with a dotted path, the value "
-        "parsed as YAML: `unitrain train run.yaml dpo.beta=0.2 optimizer.betas=[0.9,0.99]`.",
-        "",
-    ]
-    for name, field in TrainConfig.model_fields.items():
-        sections = _model_classes(field.annotation)
-        if not sections:
-            lines += [
-                f"## `{name}`",
-                "",
-                f"{field.description}",
-                "",
-                f"Type {_type_name(field.annotation)}; {_default_text(field)}.",
-                "",
-            ]
-            continue
-        lines += [
-            f"## `{name}`",
-            "",
-            f"{field.description}",
-            "",
-            "| key | type | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        for key, sub in sections[0].model_fields.items():
-            lines.append(
-                f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_default_text(sub)} | {sub.description} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    from unitrain.config_docs import configuration_markdown
+
     Path(sys.argv[1]).write_text(configuration_markdown())

@@ -82,7 +82,7 @@ def test_score_matches_a_transformers_forward(scored_setup, packing, share, caps
         )
         wins += chosen - rejected > ref_chosen - ref_rejected
     summary = capsys.readouterr().out
-    assert f"scored {len(samples)} pairs (0 skipped" in summary
+    assert f"scored {len(samples)} pairs of {root / 'data'} in " in summary
     assert f"preference accuracy {wins / len(samples):.4f}" in summary
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unitrain.config import config_to_yaml, configuration_markdown, load_config, parse_config
+from unitrain.config import config_to_yaml, load_config, parse_config
+from unitrain.config_docs import configuration_markdown
 from unitrain.errors import UnitrainError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +67,7 @@ def test_unknown_key_suggests_closest(tmp_path, override, expected):
     with pytest.raises(UnitrainError, match=None) as error:
         load_config(write(tmp_path, base()), [override])
     assert expected in str(error.value)
-    assert str(error.value).startswith(str(tmp_path / "run.yaml"))
+    assert str(error.value).startswith(f"command line override '{override}': unknown key")
     assert "\n" not in str(error.value)
 
 
@@ -167,6 +169,57 @@ def test_configuration_doc_is_up_to_date():
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     from unitrain.cli import main
 
-    path = write(tmp_path, base())
-    assert main(["train", str(path), "dpo.beta=0.2"]) == 2
+    path = write(tmp_path, base(dpo={"beta": 0.2}))
+    assert main(["train", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: dpo settings are given but objective is sft\n"
+
+
+@pytest.mark.parametrize(
+    "file_changes, overrides, blamed, message",
+    [
+        ({}, ["dpo.beta=0.2"], "command line override 'dpo.beta=0.2'", "dpo settings are given"),
+        (
+            {},
+            ["run.log_every=5", "optimizer.lr=-1"],
+            "command line override 'optimizer.lr=-1'",
+            "optimizer.lr:",
+        ),
+        ({}, ["train.epochs=1"], "command line override 'train.epochs=1'", "exactly one of train.max_steps"),
+        ({}, ["optimizer.lr"], "command line override 'optimizer.lr'", "expected key=value"),
+        # the file's own mistake is still the file's, whatever the command line adds
+        ({"optimizer": {"lr": -1}}, ["run.log_every=5"], "{path}", "optimizer.lr:"),
+        ({"optimizer": {"lr": -1}}, ["optimizer.lr=2"], None, None),  # the command line fixes the file
+    ],
+)
+def test_errors_of_command_line_overrides_name_the_command_line(
+    tmp_path, file_changes, overrides, blamed, message
+):
+    path = write(tmp_path, base(**file_changes))
+    if blamed is None:
+        assert load_config(path, overrides).optimizer.lr == 2
+        return
+    with pytest.raises(UnitrainError) as error:
+        load_config(path, overrides)
+    assert str(error.value).startswith(blamed.format(path=path) + ": ")
+    assert message in str(error.value)
+
+
+def _cells(row: str) -> int:
+    """Cells of a Markdown table row: pipes not escaped as `\\|`, less the outer two, plus one."""
+    return len(re.findall(r"(?<!\\)\|", row)) - 1
+
+
+def test_configuration_doc_rows_are_one_table_row_each(monkeypatch):
+    from unitrain.config import PackingSection
+
+    # a description with a pipe and a line break must not split its row either
+    monkeypatch.setattr(PackingSection.model_fields["mode"], "description", "either a | b\nor c")
+    lines = configuration_markdown().splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    assert len(rows) > 40
+    assert {_cells(row) for row in rows} == {4}
+    # every line of a table is a row: nothing spills onto a line of its own
+    for before, line, after in zip(lines, lines[1:], lines[2:]):
+        if before.startswith("|") and after.startswith("|"):
+            assert line.startswith("|"), line
+    assert "| `packing.mode` | `separate` \\| `pair` \\| `packed` | `packed` | either a \\| b or c |" in rows

@@ -61,10 +61,30 @@ def test_sigterm_then_resume_matches_uninterrupted(preference_data, tmp_path, ti
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-6, atol=1e-7)
 
 
-def test_resume_without_checkpoint_starts_fresh(pretrain_data, tmp_path, tiny_config, capsys):
-    result = train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}), resume=True)
-    assert result.steps == 2
-    assert "no checkpoint" in capsys.readouterr().out
+def test_resume_without_checkpoint_is_refused(pretrain_data, tmp_path, tiny_config, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        config_to_yaml(tiny_config("pretrain", pretrain_data, tmp_path / "typo", train={"max_steps": 2}))
+    )
+    assert main(["train", str(path), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: no checkpoint in {tmp_path / 'typo' / 'checkpoints'} (run.output_dir); check "
+        "run.output_dir, or leave out --resume to start a new run\n"
+    )
+    assert not (tmp_path / "typo").exists(), "a refused resume starts nothing"
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(preference_data, tmp_path, tiny_config, capsys):
+    config = tiny_config("dpo", preference_data, tmp_path, train={"max_steps": 3}, run={"eval_every": 2})
+    first = train(config)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows if "eval/loss" in row] == [0, 2, 3]
+    capsys.readouterr()
+    again = train(config, resume=True)
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows
+    assert again.steps == 3
+    assert again.last_metrics["eval/loss"] == first.last_metrics["eval/loss"]
+    assert "already finished at step 3" in capsys.readouterr().out
 
 
 def test_resume_with_another_architecture_is_one_clear_error(pretrain_data, tmp_path, tiny_config):
@@ -75,3 +95,19 @@ def test_resume_with_another_architecture_is_one_clear_error(pretrain_data, tmp_
         UnitrainError, match="cannot resume from .*step-00000002.* differs .* in head_dim, hidden_size"
     ):
         train(wider, resume=True)
+
+
+def test_a_run_saved_without_special_token_ids_still_resumes(pretrain_data, tmp_path, tiny_config):
+    """Runs from `model.config` now record the data's BOS/EOS ids; one saved before (null ids) resumes all the same."""
+    import json
+
+    train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 2}))
+    stored = latest_checkpoint(tmp_path) / "model_config.json"
+    assert json.loads(stored.read_text())["eos_token_id"] == 0
+    stored.write_text(
+        json.dumps({**json.loads(stored.read_text()), "bos_token_id": None, "eos_token_id": None})
+    )
+    assert (
+        train(tiny_config("pretrain", pretrain_data, tmp_path, train={"max_steps": 3}), resume=True).steps
+        == 3
+    )

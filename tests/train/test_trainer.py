@@ -62,13 +62,15 @@ def _token_logps(model, tokens: np.ndarray) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
 
 
-@pytest.mark.parametrize("objective", ["pretrain", "sft"])
-def test_validation_loss_matches_transformers(objective, pretrain_data, sft_data, tmp_path, tiny_config):
+@pytest.mark.parametrize("objective, row", [("pretrain", 64), ("sft", 64), ("sft", 16)])
+def test_validation_loss_matches_transformers(objective, row, pretrain_data, sft_data, tmp_path, tiny_config):
+    """Every held-out document is evaluated, also an SFT document longer than a training row (16 slots)."""
     data = sft_data if objective == "sft" else pretrain_data
-    result = train(tiny_config(objective, data, tmp_path))
+    result = train(tiny_config(objective, data, tmp_path, packing={"sequence_length": row}))
     model = _hf_model(tmp_path / "hf")
     dataset = GPTMemmapDataset(data)
     _, held_out = split_indices(len(dataset), 0.125, seed=0)
+    assert row == 64 or (dataset.document_lengths[held_out] > row).any()
     total, count = 0.0, 0
     for index in held_out:
         sample = dataset[int(index)]
@@ -83,12 +85,16 @@ def test_validation_loss_matches_transformers(objective, pretrain_data, sft_data
     assert result.last_metrics["eval/loss"] == pytest.approx(total / count, rel=1e-4)
 
 
-def test_dpo_validation_metrics_match_transformers(preference_data, tmp_path, tiny_config):
+@pytest.mark.parametrize("row, share_prompt", [(64, True), (16, True), (16, False)])
+def test_dpo_validation_metrics_match_transformers(row, share_prompt, preference_data, tmp_path, tiny_config):
+    """Every held-out pair is evaluated, also those longer than a training row (16 slots)."""
     beta = 0.2
-    result = train(tiny_config("dpo", preference_data, tmp_path, dpo={"beta": beta}))
+    packing = {"sequence_length": row, "share_prompt": share_prompt}
+    result = train(tiny_config("dpo", preference_data, tmp_path, dpo={"beta": beta}, packing=packing))
     policy, reference = _hf_model(tmp_path / "hf"), _hf_model(tmp_path / "initial")
     dataset = GPTMemmapDataset(preference_data)
     _, held_out = split_indices(len(dataset), 0.125, seed=0)
+    assert row == 64 or (dataset.document_lengths[held_out] > row).any()
     margins, losses, chosen_logps = [], [], []
     for index in held_out:
         sample = dataset[int(index)]
@@ -107,6 +113,7 @@ def test_dpo_validation_metrics_match_transformers(preference_data, tmp_path, ti
     assert metrics["eval/rewards/margins"] == pytest.approx(np.mean(margins), rel=1e-3, abs=1e-5)
     assert metrics["eval/rewards/accuracies"] == pytest.approx(np.mean(np.array(margins) > 0))
     assert metrics["eval/logps/chosen"] == pytest.approx(np.mean(chosen_logps), rel=1e-4)
+    assert metrics["eval/pairs"] == len(held_out)
 
 
 # Per-step losses of a fixed tiny setup, recorded when the trainer landed: preference (DPO) work must not move them.
@@ -258,14 +265,21 @@ def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
 
 def test_pairs_longer_than_a_row_are_reported(preference_data, tmp_path, tiny_config, capsys):
     dataset = GPTMemmapDataset(preference_data)
-    train_indices, _ = split_indices(len(dataset), 0.125, seed=0)
+    train_indices, held_out = split_indices(len(dataset), 0.125, seed=0)
     too_long = int((dataset.document_lengths[train_indices] > 16).sum())
     assert too_long > 0
+    longest = int(dataset.document_lengths[train_indices].max())
     train(
         tiny_config("dpo", preference_data, tmp_path, packing={"sequence_length": 16}, train={"max_steps": 2})
     )
     output = capsys.readouterr().out
-    assert f"; {too_long} pairs of this epoch are longer than packing.sequence_length=16" in output
+    assert (
+        f"; {too_long} pairs of this epoch need more than packing.sequence_length=16 slots and are not trained "
+        f"on; packing.sequence_length={longest} would keep them all" in output
+    )
+    assert f"validation: all {len(held_out)} held-out pairs are evaluated" in output
+    # a pair the rows could always hold is not worth a hint about prepare
+    assert "--max-length" not in output
 
 
 def test_dpo_validation_loss_with_sft_term_does_not_depend_on_micro_batches(

@@ -20,11 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", required=True, help="directory for config.json, weights and tokenizer files"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.train.checkpoint import export_hf, latest_checkpoint
 
+    if Path(args.output).exists() and not args.overwrite:
+        raise UnitrainError(f"{args.output} already exists; pass --overwrite to replace it")
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "meta.json").is_file():
         latest = latest_checkpoint(checkpoint)

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from unitrain.errors import UnitrainError
+from unitrain.text import counted
 
 HELP = "show a prepared dataset's metadata and decoded samples"
 
@@ -17,7 +18,9 @@ HELP = "show a prepared dataset's metadata and decoded samples"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="prepared dataset directory")
     parser.add_argument("--index", type=int, default=0, help="first document to show")
-    parser.add_argument("--count", type=int, default=3, help="number of documents to show")
+    parser.add_argument(
+        "--count", type=int, default=3, help="number of documents to show (0: the summary only)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per sample, no summary")
 
 
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     decode = TextTokenizer(dataset.tokenizer_path).decode
     if not 0 <= args.index < max(len(dataset), 1):
         raise UnitrainError(f"--index {args.index} out of range for {len(dataset)} documents")
+    if args.count < 0:
+        raise UnitrainError(f"--count {args.count}: expected 0 (the summary only) or more documents")
     indices = range(args.index, min(args.index + args.count, len(dataset)))
     if args.json:
         for index in indices:
@@ -77,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     meta = dataset.metadata
     lengths = dataset.document_lengths
     print(
-        f"{args.path}: {meta['kind']} dataset, format v{meta['format_version']}, {len(dataset):,} documents, "
-        f"{meta['num_tokens']:,} tokens ({meta['token_dtype']}), {len(meta['shards'])} shard(s)"
+        f"{args.path}: {meta['kind']} dataset, format v{meta['format_version']}, {counted(len(dataset), 'document')}, "
+        f"{counted(meta['num_tokens'], 'token')} ({meta['token_dtype']}), {counted(len(meta['shards']), 'shard')}"
     )
     if len(lengths):
         print(f"  document length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")

@@ -1,23 +1,30 @@
 """`unitrain plot RUN_DIR [--output PNG]`: training curves from `metrics.jsonl` as one PNG.
 
-Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards.
-matplotlib is an optional extra (`pip install unitrain[plot]`), imported only here.
+Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards. Colour
+says what a line measures (chosen green, rejected red), style says where (train: a line; validation: dashed with
+markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
+DPO loss, its value while the policy equals the reference). The title names the run and its objective, read
+from the config saved with its latest checkpoint. matplotlib is an optional extra (`pip install unitrain[plot]`),
+imported only here.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from unitrain.errors import UnitrainError
 
 HELP = "draw the training curves of a run as a PNG"
-PANELS = (
-    ("loss", ("loss",)),
-    ("reward accuracy", ("rewards/accuracies",)),
-    ("reward margin", ("rewards/margins",)),
-    ("rewards", ("rewards/chosen", "rewards/rejected")),
+PANELS = (  # title, y-axis label, metric names
+    ("loss", "loss", ("loss",)),
+    ("reward accuracy", "fraction of pairs, chosen reward > rejected", ("rewards/accuracies",)),
+    ("reward margin", "chosen − rejected reward", ("rewards/margins",)),
+    ("rewards", "β · (policy − reference) log-prob", ("rewards/chosen", "rewards/rejected")),
 )
+COLOURS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}
+STYLES = {"train": {"linestyle": "-", "alpha": 0.6}, "validation": {"linestyle": "--", "marker": "o"}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +35,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
     points = [(row["step"], row[name]) for row in rows if name in row]
     return [step for step, _ in points], [value for _, value in points]
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The run config saved with the latest checkpoint, or {} when there is none."""
+    import yaml
+
+    from unitrain.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None or not (latest / "config.yaml").is_file():
+        return {}
+    return yaml.safe_load((latest / "config.yaml").read_text()) or {}
+
+
+def _title(run_dir: Path, config: dict, rows: list[dict]) -> str:
+    parts = [str(run_dir), config.get("objective", "")]
+    if config.get("objective") == "dpo":
+        dpo = config.get("dpo", {})
+        parts.append(f"{dpo.get('loss')} loss, β {dpo.get('beta')}, reference {dpo.get('reference')}")
+    parts.append(f"{max(row['step'] for row in rows)} steps")
+    return ", ".join(part for part in parts if part)
+
+
+def _chance_lines(axis, title: str, config: dict) -> None:
+    if title == "reward accuracy":
+        axis.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    if (
+        title == "loss"
+        and config.get("objective") == "dpo"
+        and config.get("dpo", {}).get("loss") == "sigmoid"
+    ):
+        axis.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (policy = reference)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,17 +83,22 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UnitrainError("plot needs matplotlib: pip install 'unitrain[plot]'") from None
-    panels = [(title, names) for title, names in PANELS if any(names[0] in row for row in rows)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for axis, (title, names) in zip(axes[0], panels):
+    config = _run_config(run_dir)
+    panels = [panel for panel in PANELS if any(panel[2][0] in row for row in rows)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for axis, (title, ylabel, names) in zip(axes[0], panels):
         for name in names:
-            for prefix, style in (("", "-"), ("eval/", "o--")):
+            for where, prefix in (("train", ""), ("validation", "eval/")):
                 steps, values = series(rows, prefix + name)
                 if steps:
-                    axis.plot(steps, values, style, label=f"{'validation' if prefix else 'train'} {name}")
+                    colour = COLOURS.get(name, "tab:blue" if where == "train" else "tab:orange")
+                    axis.plot(steps, values, color=colour, label=f"{where} {name}", **STYLES[where])
+        _chance_lines(axis, title, config)
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
         axis.legend(fontsize=7)
+    figure.suptitle(_title(run_dir, config, rows))
     figure.tight_layout()
     output = Path(args.output) if args.output else run_dir / "curves.png"
     figure.savefig(output, dpi=100)

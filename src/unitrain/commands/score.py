@@ -1,9 +1,10 @@
 """`unitrain score`: per-pair log-probs of a model (and a reference) on a preference dataset, as JSON lines.
 
-Evaluates a model on held-out preferences and doubles as the correctness probe of the packed layouts: whatever
-`--packing` and `--share-prompt` say, the numbers are those of each prompt+response run alone. Rows grow to the
-longest pair unless `--sequence-length` is given, so by default no pair is skipped; a pair that does not fit an
-explicit length is skipped and counted in the summary.
+Evaluates a model on held-out preferences (`--held-out RUN_DIR`: the pairs a training run held out for
+validation) and doubles as the correctness probe of the packed layouts: whatever `--packing` and `--share-prompt`
+say, the numbers are those of each prompt+response run alone. Rows grow to the longest pair unless
+`--sequence-length` is given, so by default no pair is skipped; a pair that does not fit an explicit length is
+skipped and counted in the summary.
 """
 
 from __future__ import annotations
@@ -43,9 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequence-length", type=int, help="row budget in tokens (default: 2048, raised to the longest pair)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    parser.add_argument("--limit", type=int, help="score only the first N pairs of the dataset")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+        "--held-out",
+        metavar="RUN_DIR",
+        help="score only the pairs the training run in RUN_DIR held out (its validation pairs of --data)",
+    )
+    parser.add_argument("--limit", type=int, help="score only the first N pairs (of the held-out ones)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="score although a model's tokenizer.json is not the one the data was prepared with",
     )
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)"
@@ -84,6 +95,9 @@ def _score(
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap import GPTMemmapDataset
     from unitrain.model import from_pretrained
+    from unitrain.train.compat import check_tokenizer, check_vocab_size
+    from unitrain.train.data import held_out_indices
+    from unitrain.train.dist import resolve_device
 
     started = time.perf_counter()
     dataset = GPTMemmapDataset(args.data)
@@ -93,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
         raise UnitrainError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise UnitrainError(f"--limit must be at least 1, got {args.limit}")
-    indices = np.arange(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
+    device = resolve_device(args.device, setting="--device ")
+    for path in (args.model, args.reference):
+        if path is not None:
+            check_tokenizer(path, [dataset], args.allow_tokenizer_mismatch, "--allow-tokenizer-mismatch")
+    indices = held_out_indices(args.held_out, dataset) if args.held_out else np.arange(len(dataset))
+    indices = indices[: args.limit]
     longest = int(dataset.document_lengths[indices].max()) if len(indices) else 0
     # a pair needs at most prompt + chosen + rejected + prompt slots; without --sequence-length every pair fits
     sequence_length = args.sequence_length or max(2048, 2 * longest)
@@ -104,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     for role, path in (("policy", args.model), ("reference", args.reference)):
         if path is None:
             continue
-        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=args.device).eval()
-        scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, args.device, role)
+        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
+        check_vocab_size(model.config.vocab_size, dataset.vocab_size, path)
+        scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, device, role)
         del model
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -132,11 +152,27 @@ def run(args: argparse.Namespace) -> int:
             wins += chosen - rejected > margin
             handle.write(json.dumps(row) + "\n")
     partial.replace(output)
-    pairs = len(scored["policy"])
-    against = "the reference's margin" if args.reference else "0"
-    print(
-        f"scored {pairs} pairs ({skipped} skipped: longer than --sequence-length {sequence_length}) in "
-        f"{time.perf_counter() - started:.1f}s; preference accuracy {wins / max(pairs, 1):.4f} "
-        f"(chosen_logp - rejected_logp above {against}); wrote {output}"
-    )
+    print(_summary(args, len(scored["policy"]), skipped, wins, time.perf_counter() - started))
     return 0
+
+
+def _summary(args: argparse.Namespace, pairs: int, skipped: int, wins: int, seconds: float) -> str:
+    """What was scored, from where, and whether those pairs were held out from training: a number measured on
+    pairs a model trained on says little about pairs it did not."""
+    from unitrain.text import counted
+
+    scored = counted(pairs, "pair")
+    if args.held_out:
+        scored += f" that {args.held_out} held out from training (its validation pairs)"
+    else:
+        scored += f" of {args.data}" + (f" (the first {args.limit:,})" if args.limit else "")
+    if args.sequence_length:  # without it rows grow to the longest pair: none is skipped
+        scored += f", {skipped:,} skipped (longer than --sequence-length {args.sequence_length})"
+    against = "the reference's margin" if args.reference else "0"
+    line = (
+        f"scored {scored} in {seconds:.1f}s; preference accuracy {wins / max(pairs, 1):.4f} "
+        f"(chosen_logp - rejected_logp above {against})"
+    )
+    if not args.held_out:
+        line += "; not known to be held out (--held-out RUN_DIR scores the pairs a run never trained on)"
+    return f"{line}; wrote {args.output}"

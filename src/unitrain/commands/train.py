@@ -10,6 +10,8 @@ import argparse
 import os
 import signal
 
+from unitrain.text import counted
+
 HELP = "train a model (pretraining, SFT or DPO) from a YAML config"
 
 
@@ -37,13 +39,25 @@ def run(args: argparse.Namespace) -> int:
             )
         return 128 + int(getattr(signal.Signals, result.stopped_by, signal.SIGTERM))
     if reports:
-        print(
-            f"done: {result.steps} steps ({result.skipped_steps} skipped); export in {result.output_dir / 'hf'}"
+        skipped = (
+            f" ({counted(result.skipped_steps, 'step')} skipped for a non-finite loss or gradient)"
+            if result.skipped_steps
+            else ""
         )
+        print(f"done: {counted(result.steps, 'step')}{skipped}; export in {result.output_dir / 'hf'}")
         summary = _validation_summary(result.last_metrics)
         if summary:
-            print(f"validation: {summary}")
+            print(f"validation ({_evaluated(result, config.objective)}): {summary}")
     return 0
+
+
+def _evaluated(result, objective: str) -> str:
+    """`all 46 held-out pairs`, or `45 of 46 held-out pairs` should validation ever leave some out."""
+    unit = "pair" if objective == "dpo" else "document"
+    evaluated = int(result.last_metrics.get("eval/pairs", result.held_out))
+    if evaluated == result.held_out:
+        return f"all {counted(result.held_out, f'held-out {unit}')}"
+    return f"{evaluated:,} of {counted(result.held_out, f'held-out {unit}')}"
 
 
 SUMMARY_KEYS = (

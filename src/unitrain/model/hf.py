@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unitrain.errors import UnitrainError
+from unitrain.files import follow_umask
 from unitrain.model.config import ModelConfig
 from unitrain.model.llama import Transformer
 
@@ -167,8 +168,18 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
+def _write_generation_config(hf_config: dict, directory: Path) -> None:
+    """generation_config.json with the special token ids, so that `generate` stops at EOS."""
+    ids = {key: hf_config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {key: value for key, value in ids.items() if value is not None}
+    if ids:
+        generation = {"_from_model_config": True, **ids}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json and safetensors weights that `transformers.AutoModelForCausalLM` loads as is.
+    """Write config.json, generation_config.json (when BOS/EOS/PAD are known) and safetensors weights that
+    `transformers.AutoModelForCausalLM` loads as is.
 
     Above `max_shard_size` the weights are split into `model-0000k-of-0000n.safetensors` plus an index.
     """
@@ -189,13 +200,16 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = str(model.lm_head_weight.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    _write_generation_config(hf_config, directory)
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        follow_umask(directory / "model.safetensors")
         return
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, directory / file, metadata={"format": "pt"})
+        follow_umask(directory / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

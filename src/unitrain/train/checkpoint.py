@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unitrain.errors import UnitrainError
+from unitrain.files import follow_umask, replace_path
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 TOKENIZER_FILES = (
@@ -88,6 +89,7 @@ def save_checkpoint(
         {name: t.detach().to("cpu").contiguous().clone() for name, t in model_state.items()},
         str(staging / "model.safetensors"),
     )
+    follow_umask(staging / "model.safetensors")
     torch.save(optimizer_state, staging / "optimizer.pt")
     torch.save(trainer_state, staging / "trainer.pt")
     _write_json(staging / "model_config.json", model_config)
@@ -193,9 +195,12 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
         model = build_model(model_config)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, output)
-    write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")  # never a half-written export in place
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging)
+    write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), staging)
+    replace_path(staging, output)
     return output
 
 

@@ -8,6 +8,7 @@ plans one epoch up front to turn it into a step count, so the schedule and the E
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from unitrain.config import TrainConfig
 from unitrain.errors import UnitrainError
+from unitrain.text import counted
 from unitrain.train.dist import DistContext
 
 
@@ -31,15 +33,103 @@ class TrainingData:
     eos_id: int | None
     tokenizer_path: Path | None
 
+    @property
+    def held_out(self) -> int:
+        """Validation documents (or pairs) over every validation dataset."""
+        return sum(len(indices) for _, indices in self.validation)
+
     def validation_batches(self):
-        """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order."""
+        """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order. Rows
+        grow to the longest held-out document or pair (as the reference cache's do), so none is left out."""
         from unitrain.data.sampling import iterate_batches
 
         for position, indices in self.validation:
-            batches = iterate_batches(
-                self.datasets[position], indices, micro_batch_size=self.micro_batch_size, **self.packing
-            )
+            dataset, packing = self.datasets[position], self.packing
+            # a pretraining document is cut into pieces that always fit; other documents and pairs are whole
+            if packing["objective"] != "pretrain":
+                fitting = max(packing["sequence_length"], slots_to_fit(dataset, indices, packing))
+                packing = {**packing, "sequence_length": fitting}
+            batches = iterate_batches(dataset, indices, micro_batch_size=self.micro_batch_size, **packing)
             yield from ((position, batch) for batch in batches)
+
+
+def slots_to_fit(dataset, indices: np.ndarray, packing: dict) -> int:
+    """Row slots that hold every document or pair of `indices`: the longest document (a pair's prompt + chosen +
+    rejected), doubled when DPO stores the prompt twice (`share_prompt: false`; an upper bound then)."""
+    if not len(indices):
+        return 0
+    longest = int(dataset.document_lengths[indices].max())
+    duplicated = (
+        packing["objective"] == "dpo" and packing["mode"] != "separate" and not packing["share_prompt"]
+    )
+    return 2 * longest if duplicated else longest
+
+
+def describe_rows(data: TrainingData) -> list[str]:
+    """Lines for the user: how full the rows are, how many documents/pairs do not fit a row (they are never
+    trained on) and which row length would fit them; how many held-out ones validation evaluates (all)."""
+    stream, length = data.stream, data.packing["sequence_length"]
+    unit = "pair" if data.packing["objective"] == "dpo" else "document"
+    lines = [f"packing: {stream.efficiency:.1%} of row slots hold tokens"]
+    if stream.dropped:
+        fitting = max(slots_to_fit(dataset, indices, data.packing) for dataset, indices in stream.sources)
+        lines[0] += (
+            f"; {counted(stream.dropped, unit)} of this epoch need more than packing.sequence_length={length} "
+            f"slots and are not trained on; packing.sequence_length={fitting} would keep them all"
+        )
+        max_lengths = [dataset.metadata.get("max_length") for dataset, _ in stream.sources]
+        if unit == "pair" and all(max_lengths) and length < 2 * max(max_lengths):
+            lines[0] += (
+                " (prepare --max-length caps prompt + the longer response, so a pair may need up to 2 x "
+                "max-length slots)"
+            )
+    if data.validation:
+        lines.append(f"validation: all {counted(data.held_out, f'held-out {unit}')} are evaluated")
+    return lines
+
+
+VALIDATION_RECORD = "validation.json"
+
+
+def write_validation_record(output_dir: Path, data: TrainingData, config: TrainConfig) -> None:
+    """`output_dir/validation.json`: which pairs/documents of which dataset (by fingerprint) the run held out,
+    as the rule that picks them, so `unitrain score --held-out` scores exactly those."""
+    entries = []
+    for position, indices in data.validation:
+        dataset = data.datasets[position]
+        entry = {"path": str(dataset.path), "fingerprint": dataset.fingerprint, "documents": len(dataset)}
+        entry["held_out"] = len(indices)
+        if isinstance(config.data.validation, float):
+            entry.update(fraction=config.data.validation, seed=config.train.seed)
+        entries.append(entry)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / f".{VALIDATION_RECORD}.partial"
+    partial.write_text(json.dumps({"datasets": entries}, indent=2) + "\n")
+    partial.replace(output_dir / VALIDATION_RECORD)
+
+
+def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
+    """The indices of `dataset` the run in `run_dir` held out from training (its validation documents/pairs)."""
+    from unitrain.data.sampling import split_indices
+
+    path = Path(run_dir) / VALIDATION_RECORD
+    if not path.is_file():
+        raise UnitrainError(f"{path} not found: {run_dir} is not the output directory of a training run")
+    entries = json.loads(path.read_text())["datasets"]
+    if not entries:
+        raise UnitrainError(f"{run_dir} held nothing out (its data.validation is not set)")
+    entry = next((entry for entry in entries if entry["fingerprint"] == dataset.fingerprint), None)
+    if entry is None:
+        validated = ", ".join(entry["path"] for entry in entries)
+        raise UnitrainError(
+            f"{dataset.path} is not a dataset {run_dir} held pairs out of (it validated on {validated})"
+        )
+    if "fraction" not in entry:
+        return np.arange(len(dataset))
+    _, indices = split_indices(entry["documents"], entry["fraction"], entry["seed"])
+    if len(indices) != entry["held_out"]:
+        raise UnitrainError(f"{path}: {entry['held_out']} held out, but its rule now picks {len(indices)}")
+    return indices
 
 
 def _open_dataset(path: str, key: str, objective: str):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from unitrain.errors import UnitrainError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -31,10 +33,29 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+def resolve_device(choice: str, local_rank: int = 0, setting: str = "train.device=") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` (device `local_rank`) or any torch device name.
+    A device this machine cannot use is refused in one line that names `setting` (`train.device=`, `--device `)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise UnitrainError(f"{setting}{choice}: not a torch device (use auto, cpu or cuda)") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UnitrainError(
+            f"{setting}{choice}: {why} (torch {torch.__version__}); use {setting}auto (CUDA when available, "
+            f"else CPU) or {setting}cpu"
+        )
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UnitrainError(
+            f"{setting}{choice}: CUDA device {index} asked for, {torch.cuda.device_count()} visible"
+        )
+    return torch.device("cuda", index)
 
 
 def init_distributed(device_choice: str) -> DistContext:

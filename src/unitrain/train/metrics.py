@@ -49,16 +49,28 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends `{"step": s, ...}` lines to `metrics.jsonl` (rank 0 only); mirrors scalars to TensorBoard."""
+    """Appends `{"step": s, ...}` lines to `metrics.jsonl` (rank 0 only); mirrors scalars to TensorBoard and, when
+    `wandb` (the config's section) is enabled, to Weights & Biases with `run_config`."""
 
     def __init__(
-        self, output_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int | None = None
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool,
+        resume_step: int | None = None,
+        wandb=None,
+        run_config: dict | None = None,
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tensorboard = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None and wandb.enabled:
+            from unitrain.train.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(wandb, run_config or {}, Path(output_dir), resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -73,18 +85,34 @@ class MetricsWriter:
                 return
             self._tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
+    def logged(self, step: int) -> dict[str, float]:
+        """Every metric already written for `step` (rank 0; empty elsewhere)."""
+        rows = read_metrics(self.path) if self.enabled else []
+        return {
+            key: value for row in rows if row["step"] == step for key, value in row.items() if key != "step"
+        }
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or not metrics:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
                 self._tensorboard.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
+
+    def summarize(self, values: dict[str, float]) -> None:
+        """The run's final numbers, where a dashboard shows them (W&B's summary); metrics.jsonl has them already."""
+        if self._wandb is not None:
+            self._wandb.summarize(values)
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 class Progress:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from unitrain.data.batch import PackedBatch
 from unitrain.data.sampling import iterate_batches
 from unitrain.errors import UnitrainError
+from unitrain.files import follow_umask
 from unitrain.losses.logprobs import target_logprobs
 from unitrain.losses.preference import response_logps
 from unitrain.model import from_pretrained
@@ -34,7 +36,7 @@ CACHE_FILE = "reference_logps.safetensors"
 CACHE_FORMAT = "unitrain-reference-logps-1"
 
 
-def weights_hash(model_path: str | Path) -> str:
+def weights_hash(model_path: str | Path, progress: bool = False) -> str:
     """SHA-256 over config.json and every weight file of a checkpoint directory (names and bytes, sorted)."""
     directory = Path(model_path)
     files = sorted(
@@ -43,11 +45,21 @@ def weights_hash(model_path: str | Path) -> str:
     if not any(p.name == "config.json" for p in files):
         raise UnitrainError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as handle:
-            while block := handle.read(1 << 24):
-                digest.update(block)
+    size = sum(path.stat().st_size for path in files)
+    with tqdm(
+        total=size,
+        desc="hashing reference weights",
+        unit="B",
+        unit_scale=True,
+        leave=False,
+        disable=not progress,
+    ) as bar:
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as handle:
+                while block := handle.read(1 << 24):
+                    digest.update(block)
+                    bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -108,9 +120,11 @@ def make_reference(
     on_mismatch: str = "recompute",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> Reference:
     """Build the reference of `kind` (none | model | cached). `datasets` and `cache_dir` matter for `cached` only;
-    `on_mismatch` is `recompute` or `error`; `sequence_length` and `micro_batch_size` size the caching pass."""
+    `on_mismatch` is `recompute` or `error`; `sequence_length` and `micro_batch_size` size the caching pass;
+    `progress` shows bars (stderr) while the weights are hashed and the cache is computed."""
     if kind not in KINDS:
         raise UnitrainError(f"dpo.reference must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "none":
@@ -126,7 +140,7 @@ def make_reference(
     path = Path(cache_dir) / CACHE_FILE
     key = {
         "fingerprints": [str(dataset.fingerprint) for dataset in datasets],
-        "weights": weights_hash(model_path),
+        "weights": weights_hash(model_path, progress),
         "dtype": str(dtype).removeprefix("torch."),  # bf16 and fp32 log-probs differ: never mixed silently
     }
     tables, reason = _read_cache(path, key)
@@ -140,13 +154,16 @@ def make_reference(
         print(f"reference cache {path}: {reason}; recomputing")
     model = from_pretrained(model_path, dtype=dtype, device=device).eval().requires_grad_(False)
     tables = [
-        _compute_table(model, dataset, sequence_length, micro_batch_size, device) for dataset in datasets
+        _compute_table(model, dataset, sequence_length, micro_batch_size, device, progress)
+        for dataset in datasets
     ]
     _write_cache(path, key, tables)
     return CachedReference(tables, path)
 
 
-def _compute_table(model, dataset, sequence_length: int, micro_batch_size: int, device) -> np.ndarray:
+def _compute_table(
+    model, dataset, sequence_length: int, micro_batch_size: int, device, progress: bool
+) -> np.ndarray:
     """(len(dataset), 2) float32 reference log-probs; rows grow to the longest pair so that none is dropped."""
     table = np.full((len(dataset), 2), np.nan, dtype=np.float32)
     longest = int(dataset.document_lengths.max()) if len(dataset) else 0
@@ -159,10 +176,12 @@ def _compute_table(model, dataset, sequence_length: int, micro_batch_size: int, 
         sequence_length=max(sequence_length, longest),
         micro_batch_size=micro_batch_size,
     )
-    with torch.no_grad():
+    bar = tqdm(total=len(dataset), desc="reference log-probs", unit="pair", disable=not progress, leave=False)
+    with torch.no_grad(), bar:
         for batch in batches:
             sums = pair_logps_of(model, batch.to(device))[0]  # (P, 2)
             table[batch.pair_index.numpy()] = sums.float().cpu().numpy()
+            bar.update(batch.num_pairs)
     return table
 
 
@@ -200,4 +219,5 @@ def _write_cache(path: Path, key: dict, tables: list[np.ndarray]) -> None:
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # ranks writing at once never collide
     tensors = {f"logps.{k}": np.ascontiguousarray(table) for k, table in enumerate(tables)}
     save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "key": json.dumps(key)})
+    follow_umask(partial)
     os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind

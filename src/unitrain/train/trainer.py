@@ -20,15 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from unitrain.config import TrainConfig, config_to_yaml
 from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
-from unitrain.train.data import TrainingData, load_training_data
-from unitrain.train.dist import DistContext, barrier, init_distributed, shutdown, wrap_model
+from unitrain.train.compat import check_tokenizer, check_vocab_size
+from unitrain.train.data import TrainingData, describe_rows, load_training_data, write_validation_record
+from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
+from unitrain.train.wandb_logger import require_wandb
 
 
 @dataclass
@@ -38,8 +41,11 @@ class TrainResult:
     stopped_by: str | None  # signal name when SIGINT/SIGTERM ended the run early
     output_dir: Path
     last_metrics: dict[str, float]
+    held_out: int = 0  # validation documents (or pairs), every one of them evaluated
 
 
+# token ids written to config.json, not architecture: a run saved before they were filled in still resumes
+SPECIAL_TOKEN_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 DPO_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chosen_logps", "rejected_logps")
 
 
@@ -67,16 +73,20 @@ class PolicyLogprobs(torch.nn.Module):
 def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
 
+    for checkpoint in (config.model.path, config.dpo.reference_model):
+        if checkpoint is not None:
+            allowed = config.data.allow_tokenizer_mismatch
+            check_tokenizer(checkpoint, data.datasets, allowed, "data.allow_tokenizer_mismatch=true")
     if config.model.path is not None:
         model = from_pretrained(config.model.path, dtype=torch.float32)
     else:
         torch.manual_seed(config.train.seed)
-        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **config.model.config}
+        # BOS/EOS of the data's tokenizer go into config.json, so that an export's `generate` stops at EOS
+        special = {"bos_token_id": data.datasets[0].bos_id, "eos_token_id": data.eos_id}
+        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **special}
+        hf.update(config.model.config)
         model = build_model(ModelConfig.from_hf(hf, source="model.config"))
-    if model.config.vocab_size < data.vocab_size:
-        raise UnitrainError(
-            f"model vocab_size {model.config.vocab_size} is smaller than the dataset's {data.vocab_size}"
-        )
+    check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
     return model
 
 
@@ -91,12 +101,19 @@ class Trainer:
                 f"{self.output_dir} already holds the checkpoints of a run (latest {latest.name}); pass --resume "
                 "to continue it, or choose another run.output_dir"
             )
+        if latest is None and resume:  # a typo in the directory must not restart a run unnoticed
+            raise UnitrainError(
+                f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.output_dir)} (run.output_dir); check "
+                "run.output_dir, or leave out --resume to start a new run"
+            )
+        if config.wandb.enabled and context.is_main:
+            require_wandb()
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
         self._report_packing()
+        if context.is_main:  # what `unitrain score --held-out` reads
+            write_validation_record(self.output_dir, self.data, config)
         self.model = _load_policy(config, self.data).to(context.device)
-        if resume and self.resume_from is None and context.is_main:
-            print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
         if self.resume_from is None and config.model.path is None and context.is_main:
             # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
             self._export_model(self.model, self.output_dir / "initial")
@@ -122,18 +139,8 @@ class Trainer:
         )
 
     def _report_packing(self) -> None:
-        """Say how full the rows are and how many documents/pairs do not fit a row (they are never trained on)."""
-        stream = self.data.stream
-        if not self.context.is_main:
-            return
-        unit = "pairs" if self.config.objective == "dpo" else "documents"
-        line = f"packing: {stream.efficiency:.1%} of row slots hold tokens"
-        if stream.dropped:
-            line += (
-                f"; {stream.dropped} {unit} of this epoch are longer than packing.sequence_length="
-                f"{self.config.packing.sequence_length} and are skipped (prepare with --max-length to truncate them)"
-            )
-        print(line)
+        if self.context.is_main:
+            print("\n".join(describe_rows(self.data)))
 
     def _make_reference(self):
         """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
@@ -153,6 +160,7 @@ class Trainer:
                 on_mismatch=dpo.reference_on_mismatch,
                 device=self.context.device,
                 dtype=torch.bfloat16 if bf16 else torch.float32,
+                progress=self.config.run.progress and self.context.is_main,
             )
 
         if dpo.reference != "cached" or not self.context.is_distributed:
@@ -201,7 +209,7 @@ class Trainer:
         current = json.loads(json.dumps(self.model.config.to_hf()))  # as stored: tuples become lists
         changed = sorted(
             key
-            for key in set(current) | set(state["model_config"])
+            for key in (set(current) | set(state["model_config"])) - SPECIAL_TOKEN_KEYS
             if current.get(key) != state["model_config"].get(key)
         )
         if changed:
@@ -318,15 +326,16 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------
     @functools.cached_property
-    def _validation_chosen_per_pair(self) -> float:
-        """Chosen-response targets per pair over the whole validation set, so the `sft` term of a loss list is
-        normalized as in training (by the global count), not per micro-batch. Read once from the batch metadata:
-        the validation set never changes."""
-        chosen = pairs = 0
+    def _validation_plan(self) -> tuple[int, float]:
+        """Micro-batches of the whole validation set (the progress bar's total), and its chosen-response targets
+        per pair, so the `sft` term of a loss list is normalized as in training (by the global count), not per
+        micro-batch. Read once from the batch metadata: the validation set never changes."""
+        batches = chosen = pairs = 0
         for _, batch in self.data.validation_batches():
+            batches += 1
             chosen += int((batch.target_response == RESPONSE_CHOSEN).sum())
             pairs += batch.num_pairs
-        return chosen / max(pairs, 1)
+        return batches, chosen / max(pairs, 1)
 
     def evaluate(self) -> dict[str, float]:
         """Loss (and DPO metrics) over every validation document/pair, reduced over ranks."""
@@ -338,8 +347,18 @@ class Trainer:
         module.eval()
         keys = ("loss", "tokens", "slots", "targets") + (DPO_SUMS if self.config.objective == "dpo" else ())
         totals: dict[str, float | torch.Tensor] = dict.fromkeys(keys, 0.0)  # same keys on every rank
-        chosen_per_pair = self._validation_chosen_per_pair if self.config.objective == "dpo" else None
-        for index, (position, batch) in enumerate(self.data.validation_batches()):
+        num_batches, chosen_per_pair = self._validation_plan
+        chosen_per_pair = chosen_per_pair if self.config.objective == "dpo" else None
+        shown = self.config.run.progress and self.context.is_main
+        batches = tqdm(
+            self.data.validation_batches(),
+            desc="validation",
+            total=num_batches,
+            unit="batch",
+            leave=False,
+            disable=not shown,
+        )
+        for index, (position, batch) in enumerate(batches):
             if shard and index % self.context.world_size != self.context.rank:
                 continue
             with self.autocast:
@@ -352,6 +371,7 @@ class Trainer:
         return {
             "eval/loss": reduced["loss"] / max(reduced["pairs"], 1),
             **preference_metrics(reduced, "eval/"),
+            "eval/pairs": reduced["pairs"],  # every held-out pair: rows fit the longest
         }
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -371,11 +391,21 @@ class Trainer:
             self.context.is_main,
             run.tensorboard,
             resume_step=self.step if self.resume_from is not None else None,
+            wandb=self.config.wandb,
+            run_config=self.config.model_dump(mode="json"),
         )
+        finished = self.resume_from is not None and self.step >= total
+        if finished and self.context.is_main:
+            print(
+                f"{self.output_dir}: the run already finished at step {self.step}; nothing to train (raise "
+                "train.max_steps or train.epochs to train further)"
+            )
         progress = Progress(total, self.step, run.progress and self.context.is_main)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         consecutive_bad, last_metrics, saved_at = 0, {}, self.step if self.resume_from is not None else -1
         try:
+            if self.resume_from is None:
+                writer.log(0, self.evaluate())  # the starting point of the validation curves
             while self.step < total:
                 metrics = self.train_step()
                 if metrics is None:
@@ -406,17 +436,30 @@ class Trainer:
                     self.save()  # before the final evaluation: nothing trained is lost if it fails
                 if self.context.is_main:
                     ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
-                final_eval = self.evaluate()
-                if final_eval:
-                    writer.log(self.step, final_eval)
-                    last_metrics = {**last_metrics, **final_eval}
+                last_metrics = {**last_metrics, **self._final_evaluation(writer, finished)}
+                writer.summarize({"steps": self.step, "skipped_steps": self.skipped, **last_metrics})
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             progress.close()
             writer.close()
         stopped_by = (self._signal or "SIGTERM on another rank") if self.stop_requested else None
-        return TrainResult(self.step, self.skipped, stopped_by, self.output_dir, last_metrics)
+        return TrainResult(
+            self.step, self.skipped, stopped_by, self.output_dir, last_metrics, self.data.held_out
+        )
+
+    def _final_evaluation(self, writer: MetricsWriter, finished: bool) -> dict[str, float]:
+        """Validation after the last step, logged once: a finished run resumed again keeps the one it logged.
+        Rank 0 alone reads metrics.jsonl; every rank follows its answer (validation may be collective)."""
+        if finished:
+            logged = {
+                key: value for key, value in writer.logged(self.step).items() if key.startswith("eval/")
+            }
+            if any_rank(bool(logged), self.context):
+                return logged
+        final = self.evaluate()
+        writer.log(self.step, final)
+        return final
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:

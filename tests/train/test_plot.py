@@ -1,0 +1,78 @@
+"""`unitrain plot`: labelled axes, the run in the title, the step-0 validation point, chance lines, and rewards
+whose colours say chosen or rejected while the line style says training or validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from unitrain.cli import main
+from unitrain.config import config_to_yaml
+from unitrain.train import train
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def dpo_run(preference_data, tmp_path_factory, tiny_config):
+    output = tmp_path_factory.mktemp("plot") / "my-run"
+    train(tiny_config("dpo", preference_data, output, run={"eval_every": 3}))
+    return output
+
+
+def figure_of(run_dir, monkeypatch):
+    """Run `unitrain plot` and keep the figure it saved."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (saved.append(self), real_savefig(self, *a, **k))
+    )
+    assert main(["plot", str(run_dir)]) == 0
+    return saved[0]
+
+
+def lines_of(axis) -> dict[str, object]:
+    return {line.get_label(): line for line in axis.get_lines()}
+
+
+def test_plot_labels_titles_and_chance_lines(dpo_run, monkeypatch):
+    figure = figure_of(dpo_run, monkeypatch)
+    axes = {axis.get_title(): axis for axis in figure.axes}
+    assert set(axes) == {"loss", "reward accuracy", "reward margin", "rewards"}
+    assert all(axis.get_ylabel() and axis.get_xlabel() == "step" for axis in axes.values())
+    title = figure.texts[0].get_text()
+    assert "my-run" in title and "dpo" in title and "sigmoid" in title
+    loss, accuracy = lines_of(axes["loss"]), lines_of(axes["reward accuracy"])
+    assert list(loss["validation loss"].get_xdata())[0] == 0  # the step-0 point: policy = reference
+    assert loss["validation loss"].get_ydata()[0] == pytest.approx(math.log(2))
+    chance_loss = [line for name, line in loss.items() if name.startswith("ln 2")]
+    assert chance_loss and list(chance_loss[0].get_ydata()) == pytest.approx([math.log(2)] * 2)
+    chance = [line for name, line in accuracy.items() if name.startswith("chance")]
+    assert chance and set(chance[0].get_ydata()) == {0.5}
+
+
+def test_reward_colours_say_chosen_or_rejected(dpo_run, monkeypatch):
+    figure = figure_of(dpo_run, monkeypatch)
+    rewards = lines_of(next(axis for axis in figure.axes if axis.get_title() == "rewards"))
+    colour = {name: line.get_color() for name, line in rewards.items()}
+    style = {name: line.get_linestyle() for name, line in rewards.items()}
+    assert colour["train rewards/chosen"] == colour["validation rewards/chosen"]
+    assert colour["train rewards/rejected"] == colour["validation rewards/rejected"]
+    assert colour["train rewards/chosen"] != colour["train rewards/rejected"]
+    assert style["train rewards/chosen"] != style["validation rewards/chosen"]
+
+
+def test_plot_of_a_language_model_run_draws_no_dpo_chance_line(
+    pretrain_data, tmp_path, tiny_config, monkeypatch
+):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        config_to_yaml(tiny_config("pretrain", pretrain_data, tmp_path / "lm", train={"max_steps": 2}))
+    )
+    assert main(["train", str(path)]) == 0
+    figure = figure_of(tmp_path / "lm", monkeypatch)
+    assert [axis.get_title() for axis in figure.axes] == ["loss"]
+    assert not [name for name in lines_of(figure.axes[0]) if name.startswith("ln 2")]
