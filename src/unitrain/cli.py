@@ -16,7 +16,7 @@ COMMANDS = {
     "prepare": "tokenize a dataset into a memory-mapped token dataset",
     "inspect": "show a prepared dataset's metadata and decoded samples",
     "train": "train a model (pretraining, SFT or DPO) from a YAML config",
-    "score": "write per-pair log-probs of a model (and a reference) on a preference dataset",
+    "score": "write the log-prob of every response of a preference dataset under a model (and a reference)",
     "export": "write a Hugging Face checkpoint from a training checkpoint",
     "plot": "draw the training curves of a run as a PNG",
 }

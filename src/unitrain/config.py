@@ -106,9 +106,18 @@ class BatchSection(Section):
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty (DPO temperature).")
     loss: str | list[str] = Field(
-        "sigmoid", description="Preference loss name, or a list of names combined with `loss_weights`."
+        "sigmoid",
+        description="Preference loss name, or a list of names combined with `loss_weights`: the per-pair losses "
+        "of docs/dpo.md, and `plackett_luce` (listwise, per group).",
     )
     loss_weights: list[float] | None = Field(None, description="One weight per loss in `loss` (a list).")
+    group_pairs: Literal["all", "best_vs_rest", "best_vs_worst"] = Field(
+        "best_vs_rest",
+        description="Which pairs a group of ranked responses yields for the per-pair losses and metrics (ties "
+        "yield none): `all` ordered pairs, the top-scored against every lower one, or against the bottom-scored "
+        "ones. A pair dataset gives its one pair in every mode; the listwise `plackett_luce` loss uses the whole "
+        "ranking.",
+    )
     label_smoothing: float = Field(
         0.0,
         ge=0,

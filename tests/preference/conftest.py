@@ -86,12 +86,12 @@ def memmap_pairs(tmp_path):
     return make
 
 
-def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64):
-    """Every pair of `dataset` planned and collated into one DPO batch."""
+def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64, group_pairs="best_vs_rest"):
+    """Every pair (or group) of `dataset` planned and collated into one DPO batch."""
     from unitrain.data.packing import collate
     from unitrain.data.plan import plan_rows
 
-    layout = {"objective": "dpo", "mode": mode, "share_prompt": share_prompt}
+    layout = {"objective": "dpo", "mode": mode, "share_prompt": share_prompt, "group_pairs": group_pairs}
     plan = plan_rows(dataset, range(len(dataset)), sequence_length=sequence_length, **layout)
     return collate(dataset, plan, range(len(plan)), **layout)
 
@@ -119,17 +119,55 @@ def build_tiny_model(seed: int = 0):
     return build_model(config)
 
 
-def standalone_pair_logps(model, sample: GPTSample):
-    """(chosen, rejected) summed log-probs from a plain causal forward of prompt+response, each run alone."""
+def standalone_response_logps(model, sample: GPTSample):
+    """(N,) summed log-probs of each response from a plain causal forward of prompt+response, each run alone."""
     import torch
 
     sums = []
-    for response in (sample.chosen_ids, sample.rejected_ids):
+    for number in range(len(sample.group_scores)):
+        response = sample.response_ids(number)
         ids = torch.tensor(np.concatenate([sample.prompt_ids, response]), dtype=torch.int64)[None]  # (1, L)
         logps = torch.log_softmax(model(ids)[0].float(), dim=-1)  # (L, V)
         start = len(sample.prompt_ids)
         sums.append(logps[start - 1 : -1].gather(1, ids[0, start:, None]).sum())
-    return torch.stack(sums)  # (2,)
+    return torch.stack(sums)  # (N,)
+
+
+def standalone_pair_logps(model, sample: GPTSample):
+    """(chosen, rejected) summed log-probs from a plain causal forward of prompt+response, each run alone."""
+    return standalone_response_logps(model, sample)  # (2,)
+
+
+def random_groups(count: int, seed: int, prompt=(1, 9), response=(1, 8), responses=(2, 5)) -> list[GPTSample]:
+    """Groups of ranked responses with random lengths, random token ids below VOCAB and scores with ties."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(count):
+        n = int(rng.integers(*responses, endpoint=True))
+        lengths = rng.integers(*response, size=n, endpoint=True)
+        bounds = np.cumsum([rng.integers(*prompt, endpoint=True), *lengths])
+        scores = rng.choice([0.0, 1.0, 2.5, 4.0], size=n)
+        scores[:2] = [4.5, -1.0]  # never all equal
+        samples.append(
+            GPTSample(
+                rng.integers(1, VOCAB, size=bounds[-1]),
+                response_spans=np.stack([bounds[:-1], bounds[1:]], axis=1),
+                scores=rng.permutation(scores),
+            )
+        )
+    return samples
+
+
+@pytest.fixture
+def memmap_groups(tmp_path):
+    """Write group samples to a memmap dataset (format version 2) and open it."""
+
+    def make(samples: list[GPTSample], name: str = "groups") -> GPTMemmapDataset:
+        return GPTMemmapDataset(
+            write_dataset(tmp_path / name, samples, "preference", vocab_size=VOCAB, eos_id=0)
+        )
+
+    return make
 
 
 @pytest.fixture

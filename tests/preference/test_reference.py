@@ -16,7 +16,9 @@ from .conftest import build_tiny_model, packed_batch, random_pairs, standalone_p
 
 
 def expected_logps(model, dataset, batch):
-    return torch.stack([standalone_pair_logps(model, dataset[int(i)]) for i in batch.group_index]).detach()
+    """Each response's standalone log-prob, in the batch's response order (a pair: chosen, then rejected)."""
+    pairs = torch.stack([standalone_pair_logps(model, dataset[int(i)]) for i in batch.group_index]).detach()
+    return pairs[batch.response_group, batch.response_number]  # (Rb,)
 
 
 def test_none_and_model_references(tmp_path, memmap_pairs):
@@ -24,11 +26,11 @@ def test_none_and_model_references(tmp_path, memmap_pairs):
     save_pretrained(model, tmp_path / "ref")
     dataset = memmap_pairs(random_pairs(6, seed=31))
     batch = packed_batch(dataset, "packed", True)
-    assert make_reference("none").pair_logps(batch) is None
+    assert make_reference("none").response_logps(batch) is None
     frozen = make_reference("model", model_path=tmp_path / "ref")
     assert not frozen.model.training and not any(p.requires_grad for p in frozen.model.parameters())
     torch.testing.assert_close(
-        frozen.pair_logps(batch), expected_logps(model, dataset, batch), rtol=1e-5, atol=1e-4
+        frozen.response_logps(batch), expected_logps(model, dataset, batch), rtol=1e-5, atol=1e-4
     )
 
 
@@ -45,7 +47,7 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     assert (tmp_path / "cache" / CACHE_FILE).exists()
     batch = packed_batch(first)
     torch.testing.assert_close(
-        cached.pair_logps(batch), expected_logps(model, first, batch), rtol=1e-5, atol=1e-4
+        cached.response_logps(batch), expected_logps(model, first, batch), rtol=1e-5, atol=1e-4
     )
 
     built = []
@@ -55,7 +57,7 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     )
     again = cached_reference(datasets=[first])
     assert built == []  # valid cache: the reference model is not built at all
-    torch.testing.assert_close(again.pair_logps(batch), cached.pair_logps(batch))
+    torch.testing.assert_close(again.response_logps(batch), cached.response_logps(batch))
 
     second = memmap_pairs(random_pairs(8, seed=33), "second")
     with pytest.raises(UnitrainError, match="dataset 0 changed"):
@@ -64,7 +66,7 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     assert built == [1] and "dataset 0 changed" in capsys.readouterr().out
     batch = packed_batch(second)
     torch.testing.assert_close(
-        rebuilt.pair_logps(batch), expected_logps(model, second, batch), rtol=1e-5, atol=1e-4
+        rebuilt.response_logps(batch), expected_logps(model, second, batch), rtol=1e-5, atol=1e-4
     )
 
     changed = build_tiny_model(6)
@@ -74,7 +76,7 @@ def test_cache_is_reused_rebuilt_on_data_or_weight_change_and_refused_on_request
     fresh = cached_reference(datasets=[second])
     assert built == [1, 1]
     torch.testing.assert_close(
-        fresh.pair_logps(batch), expected_logps(changed, second, batch), rtol=1e-5, atol=1e-4
+        fresh.response_logps(batch), expected_logps(changed, second, batch), rtol=1e-5, atol=1e-4
     )
     with pytest.raises(UnitrainError, match="computed in float32, this run's reference runs in bfloat16"):
         cached_reference(datasets=[second], on_mismatch="error", dtype=torch.bfloat16)
@@ -90,9 +92,11 @@ def test_cache_covers_several_datasets_with_blended_and_local_indices(tmp_path, 
     )
     local = packed_batch(second)
     expected = expected_logps(model, second, local)
-    torch.testing.assert_close(cached.pair_logps(local, dataset_position=1), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        cached.response_logps(local, dataset_position=1), expected, rtol=1e-5, atol=1e-4
+    )
     local.group_index += len(first)  # the BatchStream convention for a second source
-    torch.testing.assert_close(cached.pair_logps(local), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cached.response_logps(local), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_unknown_kind_and_missing_inputs_are_refused():

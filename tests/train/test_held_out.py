@@ -8,8 +8,9 @@ import json
 import pytest
 
 from unitrain.cli import main
-from unitrain.data.memmap import GPTMemmapDataset, write_dataset
+from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.sampling import split_indices
+from unitrain.data.writer import write_dataset
 from unitrain.train import train
 
 from .conftest import VOCAB
@@ -53,7 +54,7 @@ def test_score_without_held_out_says_so(dpo_run, preference_data, tmp_path, caps
     assert "not known to be held out (--held-out RUN_DIR scores the pairs a run never trained on)" in out
     assert "sequence-length" not in out, "no setting the user did not give"
     score(tmp_path, run, preference_data, "--sequence-length", "16")
-    assert "skipped (longer than --sequence-length 16)" in capsys.readouterr().out
+    assert "skipped (a response longer than --sequence-length 16)" in capsys.readouterr().out
 
 
 def test_score_held_out_refuses_data_the_run_did_not_validate_on(dpo_run, preference_data, tmp_path, capsys):

@@ -263,22 +263,26 @@ def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
         train(config)
 
 
-def test_pairs_longer_than_a_row_are_reported(preference_data, tmp_path, tiny_config, capsys):
+def test_pairs_longer_than_a_row_are_split_and_the_unfit_reported(
+    preference_data, tmp_path, tiny_config, capsys
+):
     dataset = GPTMemmapDataset(preference_data)
     train_indices, held_out = split_indices(len(dataset), 0.125, seed=0)
-    too_long = int((dataset.document_lengths[train_indices] > 16).sum())
-    assert too_long > 0
-    longest = int(dataset.document_lengths[train_indices].max())
+    samples = [dataset[int(i)] for i in train_indices]
+    alone = [len(s.prompt_ids) + max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples]
+    split = sum(len(s.token_ids) > 16 >= need for s, need in zip(samples, alone))
+    unfit = sum(need > 16 for need in alone)
+    assert split > 0 and unfit > 0
     train(
         tiny_config("dpo", preference_data, tmp_path, packing={"sequence_length": 16}, train={"max_steps": 2})
     )
     output = capsys.readouterr().out
     assert (
-        f"; {too_long} pairs of this epoch need more than packing.sequence_length=16 slots and are not trained "
-        f"on; packing.sequence_length={longest} would keep them all" in output
+        f"; {unfit} pairs of this epoch are not trained on: a response with its prompt needs more than "
+        f"packing.sequence_length=16 slots (packing.sequence_length={max(alone)} would keep them all)"
+        in output
     )
     assert f"validation: all {len(held_out)} held-out pairs are evaluated" in output
-    # a pair the rows could always hold is not worth a hint about prepare
     assert "--max-length" not in output
 
 

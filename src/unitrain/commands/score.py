@@ -1,10 +1,12 @@
-"""`unitrain score`: per-pair log-probs of a model (and a reference) on a preference dataset, as JSON lines.
+"""`unitrain score`: the log-prob of every response of a preference dataset under a model (and a reference),
+as JSON lines: chosen/rejected fields for a pair, per-response lists for a group of ranked responses.
 
-Evaluates a model on held-out preferences (`--held-out RUN_DIR`: the pairs a training run held out for
+Evaluates a model on held-out preferences (`--held-out RUN_DIR`: the pairs or groups a training run held out for
 validation) and doubles as the correctness probe of the packed layouts: whatever `--packing` and `--share-prompt`
-say, the numbers are those of each prompt+response run alone. Rows grow to the longest pair unless
-`--sequence-length` is given, so by default no pair is skipped; a pair that does not fit an explicit length is
-skipped and counted in the summary.
+say, the numbers are those of each prompt+response run alone. Pairs report the preference accuracy, groups the
+ranking accuracy over every ordered pair of a group and the top-1 accuracy. Rows grow to the longest pair or group
+unless `--sequence-length` is given, so by default nothing is skipped; a group with a response that does not fit
+an explicit length (with its prompt) is skipped and counted in the summary.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from unitrain.errors import UnitrainError
 
-HELP = "write per-pair log-probs of a model (and a reference) on a preference dataset"
+HELP = "write the log-prob of every response of a preference dataset under a model (and a reference)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,13 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _score(
     model, dataset, indices: np.ndarray, packing: dict, batch_size: int, device, role: str
-) -> tuple[dict[int, tuple], int]:
-    """Dataset index → (chosen logp, rejected logp, chosen tokens, rejected tokens); and the skipped count."""
+) -> tuple[dict[int, tuple[list, list]], int]:
+    """Dataset index → (log-prob of each response, tokens of each response), in response order; and the count of
+    groups skipped (a response that does not fit a row with its prompt)."""
     from tqdm import tqdm
 
     from unitrain.data.packing import collate
     from unitrain.data.plan import plan_rows
-    from unitrain.train.reference import pair_logps_of
+    from unitrain.train.reference import response_logps_of
 
     plan = plan_rows(dataset, indices, **packing)
     layout = {name: packing[name] for name in ("objective", "mode", "share_prompt")}
@@ -81,15 +84,34 @@ def _score(
         for start in range(0, len(plan), batch_size)
     )
     total = -(-len(plan) // batch_size)
-    rows = {}
+    rows: dict[int, tuple[list, list]] = {}
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc=f"scoring {role}", unit="batch", leave=False):
-            sums, counts = pair_logps_of(model, batch.to(device))  # (P, 2) each
-            for index, (chosen, rejected), (chosen_count, rejected_count) in zip(
-                batch.pair_index.tolist(), sums.float().cpu().tolist(), counts.cpu().tolist()
+            sums, counts = response_logps_of(model, batch.to(device))  # (Rb,) each
+            groups = batch.group_index.tolist()
+            for group, number, logp, count in zip(
+                batch.response_group.tolist(),
+                batch.response_number.tolist(),
+                sums.float().cpu().tolist(),
+                counts.cpu().tolist(),
             ):
-                rows[index] = (chosen, rejected, chosen_count, rejected_count)
+                size = len(dataset[groups[group]].group_scores) if groups[group] not in rows else 0
+                logps, tokens = rows.setdefault(groups[group], ([0.0] * size, [0] * size))
+                logps[number], tokens[number] = logp, count
     return rows, plan.dropped
+
+
+def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
+    """(ordered pairs, pairs the rewards order as the scores do, 1 if the top reward is a top-scored response)."""
+    from unitrain.losses.preference import ranking_counts
+
+    counts = ranking_counts(
+        torch.tensor(rewards, dtype=torch.float64),
+        torch.zeros(len(scores), dtype=torch.int64),
+        torch.tensor(scores, dtype=torch.float64),
+        1,
+    )
+    return tuple(int(count) for count in counts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     indices = held_out_indices(args.held_out, dataset) if args.held_out else np.arange(len(dataset))
     indices = indices[: args.limit]
     longest = int(dataset.document_lengths[indices].max()) if len(indices) else 0
-    # a pair needs at most prompt + chosen + rejected + prompt slots; without --sequence-length every pair fits
-    sequence_length = args.sequence_length or max(2048, 2 * longest)
+    # every response fits with its prompt (a group longer than a row is split): without --sequence-length none
+    # is skipped
+    sequence_length = args.sequence_length or max(2048, longest)
     packing = dict(
         objective="dpo", mode=args.packing, share_prompt=args.share_prompt, sequence_length=sequence_length
     )
@@ -130,49 +153,63 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")  # renamed at the end: never a half-written output
-    wins = 0
+    totals = [0, 0, 0]  # ordered pairs, correctly ordered pairs, top-1 hits
     with partial.open("w") as handle:
         for index in sorted(scored["policy"]):
-            chosen, rejected, chosen_count, rejected_count = scored["policy"][index]
-            row = {
-                "index": index,
-                "chosen_logp": chosen,
-                "rejected_logp": rejected,
-                "chosen_tokens": chosen_count,
-                "rejected_tokens": rejected_count,
-            }
-            margin = 0.0
-            if "reference" in scored:
-                reference_chosen, reference_rejected = scored["reference"][index][:2]
-                row["reference_chosen_logp"], row["reference_rejected_logp"] = (
-                    reference_chosen,
-                    reference_rejected,
-                )
-                margin = reference_chosen - reference_rejected
-            wins += chosen - rejected > margin
-            handle.write(json.dumps(row) + "\n")
+            logps, tokens = scored["policy"][index]
+            reference = scored["reference"][index][0] if "reference" in scored else [0.0] * len(logps)
+            rewards = [logp - ref for logp, ref in zip(logps, reference)]
+            scores = dataset[index].group_scores.tolist()
+            counts = _ranking(scores, rewards)
+            totals = [total + count for total, count in zip(totals, counts)]
+            handle.write(json.dumps(_row(index, logps, tokens, scores, args.reference and reference)) + "\n")
     partial.replace(output)
-    print(_summary(args, len(scored["policy"]), skipped, wins, time.perf_counter() - started))
+    groups = len(scored["policy"])
+    print(_summary(args, groups, skipped, totals, dataset.is_groups, time.perf_counter() - started))
     return 0
 
 
-def _summary(args: argparse.Namespace, pairs: int, skipped: int, wins: int, seconds: float) -> str:
-    """What was scored, from where, and whether those pairs were held out from training: a number measured on
-    pairs a model trained on says little about pairs it did not."""
+def _row(index: int, logps: list, tokens: list, scores: list, reference: list | None) -> dict:
+    """One output line: a pair as chosen/rejected fields, a group as per-response lists."""
+    if len(scores) == 2 and scores == [1.0, 0.0]:
+        row = {"index": index, "chosen_logp": logps[0], "rejected_logp": logps[1]}
+        row.update(chosen_tokens=tokens[0], rejected_tokens=tokens[1])
+        if reference:
+            row.update(reference_chosen_logp=reference[0], reference_rejected_logp=reference[1])
+        return row
+    row = {"index": index, "scores": scores, "logps": logps, "tokens": tokens}
+    if reference:
+        row.update(reference_logps=reference, rewards=[logp - ref for logp, ref in zip(logps, reference)])
+    return row
+
+
+def _summary(
+    args: argparse.Namespace, count: int, skipped: int, totals: list[int], groups: bool, seconds: float
+) -> str:
+    """What was scored, from where, and whether it was held out from training: a number measured on pairs a
+    model trained on says little about pairs it did not."""
     from unitrain.text import counted
 
-    scored = counted(pairs, "pair")
+    unit = "group" if groups else "pair"
+    scored = counted(count, unit)
     if args.held_out:
-        scored += f" that {args.held_out} held out from training (its validation pairs)"
+        scored += f" that {args.held_out} held out from training (its validation {unit}s)"
     else:
         scored += f" of {args.data}" + (f" (the first {args.limit:,})" if args.limit else "")
-    if args.sequence_length:  # without it rows grow to the longest pair: none is skipped
-        scored += f", {skipped:,} skipped (longer than --sequence-length {args.sequence_length})"
-    against = "the reference's margin" if args.reference else "0"
-    line = (
-        f"scored {scored} in {seconds:.1f}s; preference accuracy {wins / max(pairs, 1):.4f} "
-        f"(chosen_logp - rejected_logp above {against})"
-    )
+    if args.sequence_length:  # without it rows fit the longest response: none is skipped
+        scored += f", {skipped:,} skipped (a response longer than --sequence-length {args.sequence_length})"
+    against = "the reference's" if args.reference else "0"
+    ordered, correct, top1 = totals
+    if groups:
+        accuracy = (
+            f"ranking accuracy {correct / max(ordered, 1):.4f} over {counted(ordered, 'ordered pair')}, top-1 "
+            f"accuracy {top1 / max(count, 1):.4f} (log-probs minus {against})"
+        )
+    else:
+        accuracy = (
+            f"preference accuracy {correct / max(count, 1):.4f} (chosen_logp - rejected_logp above {against})"
+        )
+    line = f"scored {scored} in {seconds:.1f}s; {accuracy}"
     if not args.held_out:
-        line += "; not known to be held out (--held-out RUN_DIR scores the pairs a run never trained on)"
+        line += f"; not known to be held out (--held-out RUN_DIR scores the {unit}s a run never trained on)"
     return f"{line}; wrote {args.output}"

@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluated(result, objective: str) -> str:
     """`all 46 held-out pairs`, or `45 of 46 held-out pairs` should validation ever leave some out."""
-    unit = "pair" if objective == "dpo" else "document"
-    evaluated = int(result.last_metrics.get("eval/pairs", result.held_out))
+    metrics = result.last_metrics
+    unit = ("group" if "eval/groups" in metrics else "pair") if objective == "dpo" else "document"
+    evaluated = int(metrics.get("eval/groups", metrics.get("eval/pairs", result.held_out)))
     if evaluated == result.held_out:
         return f"all {counted(result.held_out, f'held-out {unit}')}"
     return f"{evaluated:,} of {counted(result.held_out, f'held-out {unit}')}"

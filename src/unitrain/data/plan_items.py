@@ -211,3 +211,22 @@ def extra_items(columns: Columns, indices: np.ndarray, packing: dict, S: int) ->
                 )
                 extra += 0 if starts is None else len(starts) - 1
     return extra
+
+
+def fit_length(dataset, indices: np.ndarray, packing: dict) -> int:
+    """The shortest `sequence_length` that drops none of the documents `indices`: a pretraining document is cut
+    into pieces (any length fits), an SFT document must fit whole, and a preference group needs its prompt with
+    its longest response (longer groups are split)."""
+    if packing["objective"] == "pretrain" or not len(indices):
+        return 0
+    columns, longest = Columns(dataset, packing["objective"]), 0
+    for begin in range(0, len(indices), CHUNK):
+        docs = np.asarray(indices[begin : begin + CHUNK], np.int64)
+        lengths = columns.lengths(docs)
+        if packing["objective"] == "sft":
+            longest = max(longest, int(window_items(columns, docs, packing, 1 << 62).cost.max()))
+            continue
+        offsets, response_lengths, _, prompt = columns.responses(docs, lengths)
+        alone = prompt + np.maximum.reduceat(response_lengths, offsets[:-1])  # (n,)
+        longest = max(longest, int(alone.max()))
+    return longest

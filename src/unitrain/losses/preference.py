@@ -248,3 +248,24 @@ def plackett_luce_losses(
         terms = (reward - remaining.gather(1, tier_start)) * chosen_now  # (g, n)
         losses = losses.index_put((groups,), -terms.sum(dim=-1))
     return losses
+
+
+def ranking_counts(
+    rewards: torch.Tensor, response_group: torch.Tensor, response_score: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How well the implicit rewards (Rb,) rank each group's responses against their scores: (ordered pairs,
+    pairs the rewards order the same way, groups whose highest reward belongs to a top-scored response). Ordered
+    pairs are those with different scores; a tie in rewards is not a win (as TRL counts accuracy)."""
+    same = response_group[:, None] == response_group[None, :]  # (Rb, Rb)
+    ordered = same & (response_score[:, None] > response_score[None, :])
+    correct = ordered & (rewards[:, None] > rewards[None, :])
+    top_score = torch.full((num_groups,), -math.inf, dtype=response_score.dtype, device=rewards.device)
+    top_score = top_score.scatter_reduce(0, response_group, response_score, "amax")
+    top_reward = torch.full((num_groups,), -math.inf, dtype=rewards.dtype, device=rewards.device)
+    top_reward = top_reward.scatter_reduce(0, response_group, rewards, "amax")
+    # a miss: a response that is not top-scored reaches the group's highest reward
+    miss = (rewards >= top_reward[response_group]) & (response_score < top_score[response_group])  # (Rb,)
+    missed = torch.zeros(num_groups, dtype=torch.bool, device=rewards.device).index_put(
+        (response_group,), miss, accumulate=True
+    )
+    return ordered.sum(), correct.sum(), (~missed).sum()

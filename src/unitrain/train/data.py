@@ -27,11 +27,20 @@ class TrainingData:
     datasets: list  # training datasets in stream order, then a separate validation dataset if any
     validation: list[tuple[int, np.ndarray]]  # (position in `datasets`, document indices)
     total_steps: int
-    packing: dict  # objective, mode, share_prompt, sequence_length
+    packing: dict  # objective, mode, share_prompt, sequence_length, group_pairs
     micro_batch_size: int
     vocab_size: int
     eos_id: int | None
     tokenizer_path: Path | None
+
+    @property
+    def groups(self) -> bool:
+        """Preference groups (not only pairs) among the datasets: the ranking metrics then apply."""
+        return any(getattr(dataset, "is_groups", False) for dataset in self.datasets)
+
+    @property
+    def preference_unit(self) -> str:
+        return "group" if self.groups else "pair"
 
     @property
     def held_out(self) -> int:
@@ -40,49 +49,35 @@ class TrainingData:
 
     def validation_batches(self):
         """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order. Rows
-        grow to the longest held-out document or pair (as the reference cache's do), so none is left out."""
+        grow to fit every held-out document, and every response of a group with its prompt (a longer group is
+        split over a wide row), so none is left out."""
+        from unitrain.data.plan_items import fit_length
         from unitrain.data.sampling import iterate_batches
 
         for position, indices in self.validation:
             dataset, packing = self.datasets[position], self.packing
             # a pretraining document is cut into pieces that always fit; other documents and pairs are whole
-            if packing["objective"] != "pretrain":
-                fitting = max(packing["sequence_length"], slots_to_fit(dataset, indices, packing))
-                packing = {**packing, "sequence_length": fitting}
+            fitting = max(packing["sequence_length"], fit_length(dataset, indices, packing))
+            packing = {**packing, "sequence_length": fitting}
             batches = iterate_batches(dataset, indices, micro_batch_size=self.micro_batch_size, **packing)
             yield from ((position, batch) for batch in batches)
-
-
-def slots_to_fit(dataset, indices: np.ndarray, packing: dict) -> int:
-    """Row slots that hold every document or pair of `indices`: the longest document (a pair's prompt + chosen +
-    rejected), doubled when DPO stores the prompt twice (`share_prompt: false`; an upper bound then)."""
-    if not len(indices):
-        return 0
-    longest = int(dataset.document_lengths[indices].max())
-    duplicated = (
-        packing["objective"] == "dpo" and packing["mode"] != "separate" and not packing["share_prompt"]
-    )
-    return 2 * longest if duplicated else longest
 
 
 def describe_rows(data: TrainingData) -> list[str]:
     """Lines for the user: how full the rows are, how many documents/pairs do not fit a row (they are never
     trained on) and which row length would fit them; how many held-out ones validation evaluates (all)."""
     stream, length = data.stream, data.packing["sequence_length"]
-    unit = "pair" if data.packing["objective"] == "dpo" else "document"
+    unit = data.preference_unit if data.packing["objective"] == "dpo" else "document"
     lines = [f"packing: {stream.efficiency:.1%} of row slots hold tokens"]
     if stream.dropped:
-        fitting = max(slots_to_fit(dataset, indices, data.packing) for dataset, indices in stream.sources)
+        from unitrain.data.plan_items import fit_length
+
+        fitting = max(fit_length(dataset, indices, data.packing) for dataset, indices in stream.sources)
+        need = "a response with its prompt needs" if unit != "document" else "need"
         lines[0] += (
-            f"; {counted(stream.dropped, unit)} of this epoch need more than packing.sequence_length={length} "
-            f"slots and are not trained on; packing.sequence_length={fitting} would keep them all"
+            f"; {counted(stream.dropped, unit)} of this epoch are not trained on: {need} more than "
+            f"packing.sequence_length={length} slots (packing.sequence_length={fitting} would keep them all)"
         )
-        max_lengths = [dataset.metadata.get("max_length") for dataset, _ in stream.sources]
-        if unit == "pair" and all(max_lengths) and length < 2 * max(max_lengths):
-            lines[0] += (
-                " (prepare --max-length caps prompt + the longer response, so a pair may need up to 2 x "
-                "max-length slots)"
-            )
     if data.validation:
         lines.append(f"validation: all {counted(data.held_out, f'held-out {unit}')} are evaluated")
     return lines
@@ -178,6 +173,7 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         "mode": config.packing.mode,
         "share_prompt": config.packing.share_prompt,
         "sequence_length": config.packing.sequence_length,
+        "group_pairs": config.dpo.group_pairs,
     }
     sources, validation = [], []
     for index, source in enumerate(config.data.sources):
@@ -205,7 +201,7 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         world_size=context.world_size,
         window=config.packing.window,
         cache_dir=Path(config.run.output_dir) / "plans",
-        progress=context.is_main,
+        progress=context.is_main and config.run.progress,
     )
     total_steps = config.train.max_steps
     if total_steps is None:

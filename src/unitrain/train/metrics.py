@@ -38,6 +38,19 @@ def preference_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, 
         f"{prefix}rewards/margins": chosen - rejected,
         f"{prefix}logps/chosen": totals["chosen_logps"] / pairs,
         f"{prefix}logps/rejected": totals["rejected_logps"] / pairs,
+        **ranking_metrics(totals, prefix),
+    }
+
+
+def ranking_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """How the implicit rewards rank whole groups (when the data has groups): the share of every ordered pair
+    of a group (different scores) that the rewards order the same way, and of groups whose highest reward goes to
+    a top-scored response."""
+    if "ordered_pairs" not in totals:
+        return {}
+    return {
+        f"{prefix}rewards/ranking_accuracy": totals["ordered_correct"] / max(totals["ordered_pairs"], 1.0),
+        f"{prefix}rewards/top1_accuracy": totals["top1_correct"] / max(totals["groups"], 1.0),
     }
 
 

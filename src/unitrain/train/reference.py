@@ -1,14 +1,15 @@
 """Reference log-probs for DPO: none, a frozen model, or a cache computed once per (dataset, reference weights).
 
-A reference never changes during a run, so its per-pair log-probs are a property of the data and the reference
-weights alone. `model` runs a frozen copy (eval mode, no grad) on every batch in the policy's own packed layout:
-simple, but one extra forward per step and a second model in memory. `cached` pays that forward once for the
-whole dataset, stores the (pairs, 2) table as safetensors keyed by the dataset fingerprints and a SHA-256 of the
-reference checkpoint (config.json and weight files), and never builds the reference model again while the key
-matches. On a key mismatch it recomputes or refuses (`on_mismatch`), and says which part of the key changed.
+A reference never changes during a run, so its log-prob of each response is a property of the data and the
+reference weights alone. `model` runs a frozen copy (eval mode, no grad) on every batch in the policy's own packed
+layout: simple, but one extra forward per step and a second model in memory. `cached` pays that forward once for
+the whole dataset, stores one log-prob per response (a pair: chosen, rejected; a group: its N responses) as
+safetensors keyed by the dataset fingerprints and a SHA-256 of the reference checkpoint (config.json and weight
+files), and never builds the reference model again while the key matches. On a key mismatch it recomputes or
+refuses (`on_mismatch`), and says which part of the key changed.
 
-Pair indices: `pair_logps(batch)` reads `batch.pair_index` as BatchStream writes it, i.e. offset by the lengths of
-the datasets listed before (so `datasets` must be given in the order of the stream's sources); pass
+Group indices: `response_logps(batch)` reads `batch.group_index` as BatchStream writes it, i.e. offset by the
+lengths of the datasets listed before (so `datasets` must be given in the order of the stream's sources); pass
 `dataset_position=k` for batches of `iterate_batches` over `datasets[k]` alone.
 """
 
@@ -28,12 +29,12 @@ from unitrain.data.sampling import iterate_batches
 from unitrain.errors import UnitrainError
 from unitrain.files import follow_umask
 from unitrain.losses.logprobs import target_logprobs
-from unitrain.losses.preference import response_logps
+from unitrain.losses.preference import pair_view, response_logps
 from unitrain.model import from_pretrained
 
 KINDS = ("none", "model", "cached")
 CACHE_FILE = "reference_logps.safetensors"
-CACHE_FORMAT = "unitrain-reference-logps-1"
+CACHE_FORMAT = "unitrain-reference-logps-2"  # one log-prob per response (version 1: a (pairs, 2) table)
 
 
 def weights_hash(model_path: str | Path, progress: bool = False) -> str:
@@ -63,21 +64,27 @@ def weights_hash(model_path: str | Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def pair_logps_of(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (P, 2) and token counts (P, 2) of `model` on a preference batch."""
+def response_logps_of(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (Rb,) and token counts (Rb,) of every response of a preference batch under `model`."""
     hidden = model.hidden_states(batch)  # (R, T, D)
     logps = target_logprobs(
         hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens
     ).logps  # (N,)
-    return response_logps(logps, batch.target_pair, batch.target_response, batch.num_pairs)
+    return response_logps(logps, batch.target_response, batch.num_responses)
+
+
+def pair_logps_of(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (P, 2) and token counts (P, 2) of each pair's (preferred, other) responses."""
+    sums, counts = response_logps_of(model, batch)
+    return pair_view(sums, batch.pair_responses), pair_view(counts, batch.pair_responses)
 
 
 class Reference:
-    """`pair_logps(batch) -> (P, 2) float32 tensor on the batch's device, or None` (reference-free)."""
+    """`response_logps(batch) -> (Rb,) float32 tensor on the batch's device, or None` (reference-free)."""
 
     kind = "none"
 
-    def pair_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor | None:
+    def response_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor | None:
         return None
 
 
@@ -87,25 +94,34 @@ class ModelReference(Reference):
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.eval().requires_grad_(False)
 
-    def pair_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor:
+    def response_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return pair_logps_of(self.model, batch)[0].float()
+            return response_logps_of(self.model, batch)[0].float()
 
 
 class CachedReference(Reference):
+    """Every dataset's response log-probs as one flat table: group g's responses are
+    `table[group_offsets[g] : group_offsets[g + 1]]`, groups numbered across datasets in stream order."""
+
     kind = "cached"
 
-    def __init__(self, tables: list[np.ndarray], path: Path) -> None:
+    def __init__(self, tables: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:
         self.path = path
-        self.offsets = np.cumsum([0] + [len(table) for table in tables])
-        self.table = torch.from_numpy(np.concatenate(tables)) if tables else torch.zeros(0, 2)
+        self.offsets = np.cumsum([0] + [len(offsets) - 1 for offsets, _ in tables])  # first group per dataset
+        starts = np.cumsum([0] + [len(logps) for _, logps in tables])  # first response per dataset
+        group_offsets = [offsets[:-1] + start for (offsets, _), start in zip(tables, starts)] + [starts[-1:]]
+        self.group_offsets = torch.from_numpy(np.concatenate(group_offsets).astype(np.int64))  # (G + 1,)
+        self.table = torch.from_numpy(
+            np.concatenate([logps for _, logps in tables] or [np.zeros(0, np.float32)])
+        )
 
-    def pair_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor:
-        index = batch.pair_index.cpu()
+    def response_logps(self, batch: PackedBatch, dataset_position: int | None = None) -> torch.Tensor:
+        group = batch.group_index.cpu()
         if dataset_position is not None:
-            index = index + int(self.offsets[dataset_position])
-        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.table):
-            raise UnitrainError(f"{self.path}: pair index {int(index.max())} is outside the cached table")
+            group = group + int(self.offsets[dataset_position])
+        if len(group) and not 0 <= int(group.min()) <= int(group.max()) < len(self.group_offsets) - 1:
+            raise UnitrainError(f"{self.path}: group {int(group.max())} is outside the cached table")
+        index = self.group_offsets[group][batch.response_group.cpu()] + batch.response_number.cpu()  # (Rb,)
         return self.table[index].to(batch.input_ids.device)
 
 
@@ -161,11 +177,20 @@ def make_reference(
     return CachedReference(tables, path)
 
 
+def _group_offsets(dataset) -> np.ndarray:
+    """(N + 1,) int64: where each group's responses start in a flat table (a pair dataset: 2 per pair)."""
+    if getattr(dataset, "is_groups", False):
+        return dataset.group_columns[0]
+    return np.arange(0, 2 * len(dataset) + 1, 2, dtype=np.int64)
+
+
 def _compute_table(
     model, dataset, sequence_length: int, micro_batch_size: int, device, progress: bool
-) -> np.ndarray:
-    """(len(dataset), 2) float32 reference log-probs; rows grow to the longest pair so that none is dropped."""
-    table = np.full((len(dataset), 2), np.nan, dtype=np.float32)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(group offsets (N + 1,), log-probs (R,) float32) of every response; rows grow to the longest group so
+    that none is dropped or split."""
+    offsets = _group_offsets(dataset)
+    table = np.full(int(offsets[-1]), np.nan, dtype=np.float32)
     longest = int(dataset.document_lengths.max()) if len(dataset) else 0
     batches = iterate_batches(
         dataset,
@@ -176,16 +201,21 @@ def _compute_table(
         sequence_length=max(sequence_length, longest),
         micro_batch_size=micro_batch_size,
     )
-    bar = tqdm(total=len(dataset), desc="reference log-probs", unit="pair", disable=not progress, leave=False)
+    unit = "group" if getattr(dataset, "is_groups", False) else "pair"
+    bar = tqdm(total=len(dataset), desc="reference log-probs", unit=unit, disable=not progress, leave=False)
     with torch.no_grad(), bar:
         for batch in batches:
-            sums = pair_logps_of(model, batch.to(device))[0]  # (P, 2)
-            table[batch.pair_index.numpy()] = sums.float().cpu().numpy()
-            bar.update(batch.num_pairs)
-    return table
+            sums = response_logps_of(model, batch.to(device))[0]  # (Rb,)
+            index = (
+                offsets[batch.group_index.numpy()[batch.response_group.numpy()]]
+                + batch.response_number.numpy()
+            )
+            table[index] = sums.float().cpu().numpy()
+            bar.update(batch.num_groups)
+    return offsets, table
 
 
-def _read_cache(path: Path, key: dict) -> tuple[list[np.ndarray] | None, str | None]:
+def _read_cache(path: Path, key: dict) -> tuple[list[tuple[np.ndarray, np.ndarray]] | None, str | None]:
     """(tables, None) when the cache matches; (None, reason) when it exists but does not; (None, None) if absent."""
     if not path.exists():
         return None, None
@@ -195,9 +225,15 @@ def _read_cache(path: Path, key: dict) -> tuple[list[np.ndarray] | None, str | N
         with safe_open(path, framework="np") as handle:
             meta = handle.metadata() or {}
             if meta.get("format") != CACHE_FORMAT:
-                return None, f"not a {CACHE_FORMAT} file"
+                return (
+                    None,
+                    f"{meta.get('format') or 'unknown format'}, not {CACHE_FORMAT} (one log-prob per response)",
+                )
             cached = json.loads(meta["key"])
-            tables = [handle.get_tensor(f"logps.{k}") for k in range(len(cached["fingerprints"]))]
+            tables = [
+                (handle.get_tensor(f"offsets.{k}"), handle.get_tensor(f"logps.{k}"))
+                for k in range(len(cached["fingerprints"]))
+            ]
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         return None, f"unreadable ({error})"
     if cached["weights"] != key["weights"]:
@@ -212,12 +248,17 @@ def _read_cache(path: Path, key: dict) -> tuple[list[np.ndarray] | None, str | N
     return tables, None
 
 
-def _write_cache(path: Path, key: dict, tables: list[np.ndarray]) -> None:
+def _write_cache(path: Path, key: dict, tables: list[tuple[np.ndarray, np.ndarray]]) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # ranks writing at once never collide
-    tensors = {f"logps.{k}": np.ascontiguousarray(table) for k, table in enumerate(tables)}
+    tensors = {}
+    for k, (offsets, logps) in enumerate(tables):
+        tensors[f"offsets.{k}"], tensors[f"logps.{k}"] = (
+            np.ascontiguousarray(offsets),
+            np.ascontiguousarray(logps),
+        )
     save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "key": json.dumps(key)})
     follow_umask(partial)
     os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind

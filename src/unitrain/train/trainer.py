@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from unitrain.config import TrainConfig, config_to_yaml
-from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
+from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.compat import check_tokenizer, check_vocab_size
@@ -46,7 +46,6 @@ class TrainResult:
 
 # token ids written to config.json, not architecture: a run saved before they were filled in still resumes
 SPECIAL_TOKEN_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id"}
-DPO_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chosen_logps", "rejected_logps")
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -238,9 +237,10 @@ class Trainer:
 
     def _batch_loss(
         self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
-    ) -> tuple[torch.Tensor, dict]:
-        """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), and metric sums.
-        `batch` is still on the CPU: its counts are read there, without waiting for the device."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), the listwise loss summed over its
+        groups (None without one), and metric sums. `batch` is still on the CPU: its counts are read there,
+        without waiting for the device."""
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
         batch = batch.to(self.context.device)
         logps = module(batch)  # (N,)
@@ -248,25 +248,14 @@ class Trainer:
             from unitrain.losses.lm import lm_loss_sum
 
             loss_sum, _ = lm_loss_sum(logps.float())
-            return loss_sum, sums
-        from unitrain.losses.preference import preference_losses, response_logps
+            return loss_sum, None, sums
+        from unitrain.train.preference_step import preference_loss_sums
 
-        policy, counts = response_logps(
-            logps.float(), batch.target_pair, batch.target_response, batch.num_pairs
+        reference = self.reference.response_logps(batch, position)  # (Rb,), or None when reference-free
+        loss_sum, group_loss, preference_sums = preference_loss_sums(
+            logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups
         )
-        reference = self.reference.pair_logps(batch, position)  # (P, 2), or None when reference-free
-        output = preference_losses(
-            policy, reference, counts, self.loss_config, chosen_tokens_per_pair=chosen_per_pair
-        )
-        sums.update(
-            pairs=batch.num_pairs,
-            chosen_rewards=output.chosen_rewards.sum(),
-            rejected_rewards=output.rejected_rewards.sum(),
-            accuracies=(output.chosen_rewards > output.rejected_rewards).sum(),
-            chosen_logps=policy[:, 0].detach().sum(),
-            rejected_logps=policy[:, 1].detach().sum(),
-        )
-        return output.losses.sum(), sums
+        return loss_sum, group_loss, {**sums, **preference_sums}
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns its metrics, or None when it was skipped (non-finite loss/gradient)."""
@@ -286,9 +275,13 @@ class Trainer:
         last = len(step_batches.micro_batches) - 1
         for index, batch in enumerate(step_batches.micro_batches):
             with self._sync_context(index == last), self.autocast:
-                loss_sum, sums = self._batch_loss(self.wrapped, batch, chosen_per_pair)
-            # DDP/FSDP average gradients over ranks; the global normalization needs their sum.
-            (loss_sum * (self.context.world_size / denominator)).backward()
+                loss_sum, group_loss, sums = self._batch_loss(self.wrapped, batch, chosen_per_pair)
+                # DDP/FSDP average gradients over ranks; the global normalization needs their sum.
+                loss = loss_sum * (self.context.world_size / denominator)
+                if group_loss is not None:  # a listwise loss: averaged over the step's groups
+                    loss = loss + group_loss * (self.context.world_size / max(step_batches.global_groups, 1))
+                    sums["group_loss"] = group_loss.detach()
+            loss.backward()
             totals["loss"] = totals["loss"] + loss_sum.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -303,7 +296,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {
-            "loss": reduced["loss"] / denominator,
+            "loss": reduced["loss"] / denominator
+            + reduced.get("group_loss", 0.0) / max(step_batches.global_groups, 1),
             "grad_norm": grad_norm,
             "learning_rate": lr,
             "tokens_per_second": reduced["tokens"] / elapsed,
@@ -326,16 +320,30 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------
     @functools.cached_property
-    def _validation_plan(self) -> tuple[int, float]:
-        """Micro-batches of the whole validation set (the progress bar's total), and its chosen-response targets
-        per pair, so the `sft` term of a loss list is normalized as in training (by the global count), not per
-        micro-batch. Read once from the batch metadata: the validation set never changes."""
-        batches = chosen = pairs = 0
+    def _validation_plan(self) -> tuple[int, float, int]:
+        """Micro-batches of the whole validation set (the progress bar's total), its chosen-response targets per
+        pair (so the `sft` term of a loss list is normalized as in training, by the global count, not per
+        micro-batch) and its groups (which a listwise loss is averaged over). Read once from the batch metadata:
+        the validation set never changes."""
+        batches = chosen = pairs = groups = 0
         for _, batch in self.data.validation_batches():
             batches += 1
-            chosen += int((batch.target_response == RESPONSE_CHOSEN).sum())
+            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)  # (Rb,)
+            chosen += int(wins[batch.target_response[batch.target_response >= 0]].sum())
             pairs += batch.num_pairs
-        return batches, chosen / max(pairs, 1)
+            groups += batch.num_groups
+        return batches, chosen / max(pairs, 1), groups
+
+    def _sum_keys(self) -> tuple[str, ...]:
+        """The metric sums of a step or an evaluation, the same on every rank (they are reduced together)."""
+        keys = ("loss", "tokens", "slots", "targets")
+        if self.config.objective == "dpo":
+            from unitrain.losses.preference import GROUP_LOSSES
+            from unitrain.train.preference_step import PAIR_SUMS, RANKING_SUMS
+
+            keys += PAIR_SUMS + (RANKING_SUMS if self.data.groups else ())
+            keys += ("group_loss",) if set(self.loss_config.losses) & set(GROUP_LOSSES) else ()
+        return keys
 
     def evaluate(self) -> dict[str, float]:
         """Loss (and DPO metrics) over every validation document/pair, reduced over ranks."""
@@ -345,9 +353,10 @@ class Trainer:
         shard = not self.config.parallel.fsdp
         module = self.wrapped if self.config.parallel.fsdp else self.policy
         module.eval()
-        keys = ("loss", "tokens", "slots", "targets") + (DPO_SUMS if self.config.objective == "dpo" else ())
-        totals: dict[str, float | torch.Tensor] = dict.fromkeys(keys, 0.0)  # same keys on every rank
-        num_batches, chosen_per_pair = self._validation_plan
+        totals: dict[str, float | torch.Tensor] = dict.fromkeys(
+            self._sum_keys(), 0.0
+        )  # same keys on every rank
+        num_batches, chosen_per_pair, groups = self._validation_plan
         chosen_per_pair = chosen_per_pair if self.config.objective == "dpo" else None
         shown = self.config.run.progress and self.context.is_main
         batches = tqdm(
@@ -362,17 +371,21 @@ class Trainer:
             if shard and index % self.context.world_size != self.context.rank:
                 continue
             with self.autocast:
-                loss_sum, sums = self._batch_loss(module, batch, chosen_per_pair, position)
+                loss_sum, group_loss, sums = self._batch_loss(module, batch, chosen_per_pair, position)
+            if group_loss is not None:
+                sums["group_loss"] = group_loss
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
         reduced = reduce_sums(totals, self.context) if shard else {k: float(v) for k, v in totals.items()}
         if self.config.objective != "dpo":
             return {"eval/loss": reduced["loss"] / max(reduced["targets"], 1)}
-        return {
-            "eval/loss": reduced["loss"] / max(reduced["pairs"], 1),
-            **preference_metrics(reduced, "eval/"),
-            "eval/pairs": reduced["pairs"],  # every held-out pair: rows fit the longest
-        }
+        loss = reduced["loss"] / max(reduced["pairs"], 1) + reduced.get("group_loss", 0.0) / max(groups, 1)
+        counts = {
+            "eval/pairs": reduced["pairs"]
+        }  # every held-out pair or group: rows fit the longest response
+        if self.data.groups:
+            counts["eval/groups"] = groups
+        return {"eval/loss": loss, **preference_metrics(reduced, "eval/"), **counts}
 
     # -- the loop -------------------------------------------------------------------------------------------
     @property
