@@ -132,6 +132,72 @@ def test_lm_and_sft_losses_are_pinned(objective, pretrain_data, sft_data, tmp_pa
     assert losses[-1] < losses[0] - 0.3  # and it learns
 
 
+# Per-step losses and validation losses (steps 3 and 6) of DPO runs on the tiny pair data, recorded before
+# preference groups existed: pairs must train exactly as they did (on the recording machine they reproduce bit
+# for bit; the tolerance only allows another CPU's float rounding).
+PINNED_DPO = {
+    "packed": (
+        {},
+        [
+            0.6931471824645996,
+            0.6441915952242337,
+            0.5997725214276995,
+            0.538153391617995,
+            0.4579629531273475,
+            0.47317827664888823,
+        ],
+        [0.5836661656697592, 0.5457797845204672],
+    ),
+    "separate": (
+        {"packing": {"mode": "separate"}},
+        [
+            0.6931471824645996,
+            0.6783708930015564,
+            0.6750184297561646,
+            0.646634578704834,
+            0.619796872138977,
+            0.588278591632843,
+        ],
+        [0.6511950890223185, 0.6281673908233643],
+    ),
+    "pair_unshared": (
+        {"packing": {"mode": "pair", "share_prompt": False}},
+        [
+            0.6931471824645996,
+            0.653116762638092,
+            0.6568812727928162,
+            0.6525859236717224,
+            0.6581156253814697,
+            0.637509822845459,
+        ],
+        [0.6509548425674438, 0.645976185798645],
+    ),
+    "cached_sft": (
+        {"dpo": {"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "reference": "cached"}},
+        [
+            2.6354220708211265,
+            2.433476814856896,
+            2.3079556056431363,
+            2.194157967200646,
+            2.0787567725548377,
+            1.9706294719989483,
+        ],
+        [2.248304843902588, 2.077373663584391],
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(PINNED_DPO))
+def test_dpo_on_pairs_is_pinned(layout, preference_data, tmp_path, tiny_config):
+    sections, losses, evals = PINNED_DPO[layout]
+    train(tiny_config("dpo", preference_data, tmp_path, run={"eval_every": 3}, **sections))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    np.testing.assert_allclose(step_losses(tmp_path), losses, rtol=1e-6)
+    np.testing.assert_allclose(
+        [r["eval/loss"] for r in rows if "eval/loss" in r and r["step"] > 0], evals, rtol=1e-6
+    )
+
+
 def test_nonfinite_steps_are_skipped_then_stop(pretrain_data, tmp_path, monkeypatch, tiny_config):
     import unitrain.losses.lm as lm
 
