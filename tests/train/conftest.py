@@ -66,6 +66,30 @@ def preference_data(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def group_data(tmp_path_factory):
+    """Groups of 3-5 responses: the top-scored one counts upwards from the prompt's last token, the others are
+    random and scored lower (with ties among them)."""
+    rng = np.random.default_rng(4)
+    docs = []
+    for _ in range(48):
+        prompt = _counting(rng, int(rng.integers(3, 10)))
+        good = (prompt[-1] + np.arange(1, int(rng.integers(4, 10)))) % (VOCAB - 1) + 1
+        others = [
+            rng.integers(1, VOCAB, size=int(rng.integers(4, 10))) for _ in range(int(rng.integers(2, 5)))
+        ]
+        responses = [good, *others]
+        scores = np.array([5.0] + rng.choice([1.0, 2.0, 3.0], size=len(others)).tolist(), np.float32)
+        order = rng.permutation(len(responses))  # the best one anywhere in the group
+        bounds = np.cumsum([len(prompt)] + [len(responses[k]) for k in order])
+        tokens = np.concatenate([prompt] + [responses[k] for k in order]).astype(np.int64)
+        spans = np.stack([bounds[:-1], bounds[1:]], axis=1)
+        docs.append(GPTSample(tokens, response_spans=spans, scores=scores[order]))
+    return write_dataset(
+        tmp_path_factory.mktemp("data") / "groups", docs, "preference", vocab_size=VOCAB, eos_id=0
+    )
+
+
 def tiny_raw(objective: str, data_dir, output_dir, **sections) -> dict:
     raw = {
         "objective": objective,

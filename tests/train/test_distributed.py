@@ -32,16 +32,28 @@ def launch(config_path, processes: int) -> None:
     subprocess.run([*command, "train", str(config_path)], env=ENV, check=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def one_process(preference_data, tmp_path_factory, tiny_config):
+GROUPS = {"dpo": {"loss": ["sigmoid", "plackett_luce"], "group_pairs": "all"}}
+
+
+def one_process_run(data, tmp_path_factory, tiny_config, **sections):
     """The reference run: one process, 4 micro-batches of 1 row per step."""
     root = tmp_path_factory.mktemp("one")
     batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 4}
     (root / "run.yaml").write_text(
-        config_to_yaml(tiny_config("dpo", preference_data, root, batch=batch, **SECTIONS))
+        config_to_yaml(tiny_config("dpo", data, root, batch=batch, **SECTIONS, **sections))
     )
     launch(root / "run.yaml", 1)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_process(preference_data, tmp_path_factory, tiny_config):
+    return one_process_run(preference_data, tmp_path_factory, tiny_config)
+
+
+@pytest.fixture(scope="module")
+def one_process_groups(group_data, tmp_path_factory, tiny_config):
+    return one_process_run(group_data, tmp_path_factory, tiny_config, **GROUPS)
 
 
 @pytest.mark.parametrize(
@@ -60,25 +72,35 @@ def test_two_gloo_ranks_match_one_process(
     (tmp_path / "run.yaml").write_text(config_to_yaml(config))
     launch(tmp_path / "run.yaml", 2)
 
-    rows_two = read_metrics(tmp_path / "metrics.jsonl")
-    rows_one = read_metrics(one_process / "metrics.jsonl")
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
-    for key in (
-        "loss",
-        "rewards/accuracies",
-        "rewards/margins",
-        "grad_norm",
-        "eval/loss",
-        "eval/rewards/accuracies",
-    ):
-        got = [r[key] for r in rows_two if key in r]
-        want = [r[key] for r in rows_one if key in r]
-        assert len(got) == len(want) > 0
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
+    assert_same_run(tmp_path, one_process)
     if reference == "cached":
         assert [path.name for path in (tmp_path / "reference-cache").iterdir()] == [
             "reference_logps.safetensors"
         ]
-    weights_two = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
-    for name, tensor in load_file(str(latest_checkpoint(one_process) / "model.safetensors")).items():
-        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "eval/loss", "eval/rewards/accuracies")
+
+
+def assert_same_run(two, one, keys=KEYS, atol=1e-5) -> None:
+    rows_two = read_metrics(two / "metrics.jsonl")
+    rows_one = read_metrics(one / "metrics.jsonl")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for key in keys:
+        got = [r[key] for r in rows_two if key in r]
+        want = [r[key] for r in rows_one if key in r]
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
+    weights_two = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    for name, tensor in load_file(str(latest_checkpoint(one) / "model.safetensors")).items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=atol)
+
+
+def test_two_gloo_ranks_match_one_process_on_groups(one_process_groups, group_data, tmp_path, tiny_config):
+    """Groups with a listwise loss: pairs and groups of the step are counted over both ranks."""
+    batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 2}
+    config = tiny_config("dpo", group_data, tmp_path, batch=batch, **SECTIONS, **GROUPS)
+    (tmp_path / "run.yaml").write_text(config_to_yaml(config))
+    launch(tmp_path / "run.yaml", 2)
+    keys = KEYS + ("rewards/ranking_accuracy", "rewards/top1_accuracy", "eval/rewards/ranking_accuracy")
+    assert_same_run(tmp_path, one_process_groups, keys, atol=5e-5)  # see the accumulation test of groups
