@@ -12,13 +12,13 @@ from unitrain.errors import UnitrainError
 from unitrain.model import save_pretrained
 from unitrain.train.reference import CACHE_FILE, make_reference
 
-from .conftest import build_tiny_model, packed_batch, random_pairs, standalone_pair_logps
+from .conftest import build_tiny_model, packed_batch, random_groups, random_pairs, standalone_response_logps
 
 
 def expected_logps(model, dataset, batch):
     """Each response's standalone log-prob, in the batch's response order (a pair: chosen, then rejected)."""
-    pairs = torch.stack([standalone_pair_logps(model, dataset[int(i)]) for i in batch.group_index]).detach()
-    return pairs[batch.response_group, batch.response_number]  # (Rb,)
+    alone = [standalone_response_logps(model, dataset[int(i)]).detach() for i in batch.group_index]
+    return torch.stack([alone[g][n] for g, n in zip(batch.response_group, batch.response_number)])  # (Rb,)
 
 
 def test_none_and_model_references(tmp_path, memmap_pairs):
@@ -97,6 +97,30 @@ def test_cache_covers_several_datasets_with_blended_and_local_indices(tmp_path, 
     )
     local.group_index += len(first)  # the BatchStream convention for a second source
     torch.testing.assert_close(cached.response_logps(local), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_cache_of_groups_and_pairs_holds_one_logprob_per_response(tmp_path, memmap_pairs, memmap_groups):
+    """A pair dataset and a group dataset in one cache: every response equals the frozen model's and the
+    standalone forward, whether the group was split over a wide row or not."""
+    model = build_tiny_model(10)
+    save_pretrained(model, tmp_path / "ref")
+    pairs, groups = memmap_pairs(random_pairs(4, seed=36), "p"), memmap_groups(random_groups(6, seed=37), "g")
+    cached = make_reference(
+        "cached", model_path=tmp_path / "ref", datasets=[pairs, groups], cache_dir=tmp_path / "cache"
+    )
+    frozen = make_reference("model", model_path=tmp_path / "ref")
+    for length in (200, 16):  # 16 slots split most groups
+        batch = packed_batch(groups, "packed", True, length)
+        expected = expected_logps(model, groups, batch)
+        torch.testing.assert_close(
+            cached.response_logps(batch, dataset_position=1), expected, rtol=1e-5, atol=1e-4
+        )
+        torch.testing.assert_close(frozen.response_logps(batch), expected, rtol=1e-5, atol=1e-4)
+    assert batch.num_rows > batch.num_groups
+    pair_batch = packed_batch(pairs)
+    torch.testing.assert_close(
+        cached.response_logps(pair_batch), expected_logps(model, pairs, pair_batch), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_unknown_kind_and_missing_inputs_are_refused():

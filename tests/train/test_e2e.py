@@ -51,7 +51,7 @@ def hh_slice(hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factory):
     return root
 
 
-def run_cli(tmp_path, tiny_config, objective, data, steps, sequence_length=512):
+def run_cli(tmp_path, tiny_config, objective, data, steps, sequence_length=512, **sections):
     config = tiny_config(
         objective,
         data,
@@ -63,6 +63,7 @@ def run_cli(tmp_path, tiny_config, objective, data, steps, sequence_length=512):
         optimizer={"lr": 1e-2, "weight_decay": 0.0},
         schedule={"kind": "constant", "warmup_steps": 2},
         train={"max_steps": steps},
+        **sections,
     )
     path = tmp_path / f"{objective}.yaml"
     path.write_text(config_to_yaml(config))
