@@ -34,32 +34,47 @@ def launch(config_path, processes: int) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(preference_data, tmp_path_factory, tiny_config):
-    """The reference run: one process, 4 micro-batches of 1 row per step."""
-    root = tmp_path_factory.mktemp("one")
-    batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 4}
-    (root / "run.yaml").write_text(
-        config_to_yaml(tiny_config("dpo", preference_data, root, batch=batch, **SECTIONS))
-    )
-    launch(root / "run.yaml", 1)
-    return root
+    """The reference runs: one process, 4 micro-batches of 1 row per step; one per `lora` section, run once."""
+    roots = {}
+
+    def run(lora: dict):
+        key = str(sorted(lora.items()))
+        if key not in roots:
+            roots[key] = root = tmp_path_factory.mktemp("one")
+            batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 4}
+            config = tiny_config("dpo", preference_data, root, batch=batch, lora=lora, **SECTIONS)
+            (root / "run.yaml").write_text(config_to_yaml(config))
+            launch(root / "run.yaml", 1)
+        return roots[key]
+
+    return run
 
 
 @pytest.mark.parametrize(
-    ("fsdp", "reference"),
-    [(False, "model"), (True, "model"), (False, "cached")],
-    ids=["ddp", "fsdp2", "ddp-cached"],
+    ("fsdp", "reference", "lora"),
+    [
+        (False, "model", {}),
+        (True, "model", {}),
+        (False, "cached", {}),
+        (False, "model", {"rank": 4, "alpha": 16.0}),
+        (True, "model", {"rank": 4, "alpha": 16.0}),
+    ],
+    ids=["ddp", "fsdp2", "ddp-cached", "ddp-lora", "fsdp2-lora"],
 )
 def test_two_gloo_ranks_match_one_process(
-    fsdp, reference, one_process, preference_data, tmp_path, tiny_config
+    fsdp, reference, lora, one_process, preference_data, tmp_path, tiny_config
 ):
     """2 ranks x 2 micro-batches of 1 row: the same rows per step as the one-process run (whose reference model
-    runs alongside; a cached reference, filled once by rank 0, gives the same numbers)."""
+    runs alongside; a cached reference, filled once by rank 0, gives the same numbers). With LoRA the reference
+    is the policy module with its adapters off, through the DDP/FSDP2-wrapped model; checkpoints hold the
+    adapters only."""
     batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 2}
     sections = {"batch": batch, "parallel": {"fsdp": fsdp}, "dpo": {"reference": reference}, **SECTIONS}
-    config = tiny_config("dpo", preference_data, tmp_path, **sections)
+    config = tiny_config("dpo", preference_data, tmp_path, lora=lora, **sections)
     (tmp_path / "run.yaml").write_text(config_to_yaml(config))
     launch(tmp_path / "run.yaml", 2)
 
+    one_process = one_process(lora)
     rows_two = read_metrics(tmp_path / "metrics.jsonl")
     rows_one = read_metrics(one_process / "metrics.jsonl")
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
@@ -80,5 +95,8 @@ def test_two_gloo_ranks_match_one_process(
             "reference_logps.safetensors"
         ]
     weights_two = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
-    for name, tensor in load_file(str(latest_checkpoint(one_process) / "model.safetensors")).items():
+    weights_one = load_file(str(latest_checkpoint(one_process) / "model.safetensors"))
+    assert weights_two.keys() == weights_one.keys()
+    assert all(("lora_" in name) == bool(lora) for name in weights_one)
+    for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5)

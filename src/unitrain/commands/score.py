@@ -24,7 +24,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="Hugging Face checkpoint directory of the model to score"
+        "--model",
+        required=True,
+        help="Hugging Face checkpoint directory of the model to score, or a PEFT LoRA adapter directory",
+    )
+    parser.add_argument(
+        "--base", help="base checkpoint of adapter directories (default: their base_model_name_or_path)"
     )
     parser.add_argument("--data", required=True, help="prepared preference dataset directory")
     parser.add_argument(
@@ -79,7 +84,8 @@ def _score(
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap import GPTMemmapDataset
-    from unitrain.model import from_pretrained
+    from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
+    from unitrain.train.lora import check_adapter_base
 
     started = time.perf_counter()
     dataset = GPTMemmapDataset(args.data)
@@ -100,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     for role, path in (("policy", args.model), ("reference", args.reference)):
         if path is None:
             continue
-        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=args.device).eval()
+        if is_adapter_dir(path):
+            check_adapter_base(path, adapter_base(path, args.base))
+        model = load_model(path, base=args.base, dtype=DTYPES[args.dtype], device=args.device).eval()
         scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, args.device, role)
         del model
     output = Path(args.output)

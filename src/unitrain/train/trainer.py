@@ -25,6 +25,7 @@ from unitrain.config import TrainConfig, config_to_yaml
 from unitrain.data.batch import RESPONSE_CHOSEN, PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
+from unitrain.train import lora
 from unitrain.train.data import TrainingData, load_training_data
 from unitrain.train.dist import DistContext, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
@@ -64,11 +65,13 @@ class PolicyLogprobs(torch.nn.Module):
         ).logps  # (N,)
 
 
-def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
+def _load_policy(
+    config: TrainConfig, data: TrainingData, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
 
     if config.model.path is not None:
-        model = from_pretrained(config.model.path, dtype=torch.float32)
+        model = from_pretrained(config.model.path, dtype=dtype)
     else:
         torch.manual_seed(config.train.seed)
         hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **config.model.config}
@@ -94,13 +97,16 @@ class Trainer:
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
         self._report_packing()
-        self.model = _load_policy(config, self.data).to(context.device)
+        base_dtype = lora.base_dtype(config, context.device)  # fp32 unless a frozen LoRA base is kept in bf16
+        self.model = _load_policy(config, self.data, base_dtype).to(context.device)
         if resume and self.resume_from is None and context.is_main:
             print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from scratch")
         if self.resume_from is None and config.model.path is None and context.is_main:
             # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
             self._export_model(self.model, self.output_dir / "initial")
         barrier(context)  # the reference may load `initial`, written by rank 0
+        resuming = self.resume_from is not None
+        self.lora = lora.LoraRun(config, self.model, self.output_dir, resuming) if config.lora.rank else None
         self.reference = None
         if config.objective == "dpo":
             self.loss_config = config.preference_loss_config()
@@ -141,6 +147,9 @@ class Trainer:
 
         dpo = self.config.dpo
         bf16 = self.config.train.dtype == "bfloat16"
+        if self.lora is not None and dpo.reference == "model" and dpo.reference_model is None:
+            # the policy's own module with its adapters off: no second model
+            return self.lora.reference(lambda: self.policy)
 
         def build():
             return make_reference(
@@ -153,6 +162,7 @@ class Trainer:
                 on_mismatch=dpo.reference_on_mismatch,
                 device=self.context.device,
                 dtype=torch.bfloat16 if bf16 else torch.float32,
+                adapter=None if dpo.reference_model or self.lora is None else self.config.lora.adapter,
             )
 
         if dpo.reference != "cached" or not self.context.is_distributed:
@@ -172,7 +182,9 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------
     def save(self) -> None:
         sharded = self.config.parallel.fsdp and self.context.is_distributed
-        model_state, optimizer_state = ckpt.gather_states(self.wrapped, self.model, self.optimizer, sharded)
+        model_state, optimizer_state = ckpt.gather_states(
+            self.wrapped, self.model, self.optimizer, sharded, trainable_only=self.lora is not None
+        )
         if self.context.is_main:
             ckpt.save_checkpoint(
                 self.output_dir,
@@ -191,6 +203,7 @@ class Trainer:
                     "tokenizer_path": str(self.data.tokenizer_path) if self.data.tokenizer_path else None,
                     "eos_id": self.data.eos_id,
                     "objective": self.config.objective,
+                    **(self.lora.meta() if self.lora else {}),
                 },
                 keep_last=self.config.run.keep_last,
             )
@@ -209,9 +222,16 @@ class Trainer:
                 f"cannot resume from {path}: the model differs from the checkpoint's in {', '.join(changed)} "
                 "(resume with the run's original model settings)"
             )
+        lora.check_resume(self.lora, path, state["meta"])
         sharded = self.config.parallel.fsdp and self.context.is_distributed
         ckpt.restore_states(
-            self.wrapped, self.model, self.optimizer, sharded, state["model_state"], state["optimizer_state"]
+            self.wrapped,
+            self.model,
+            self.optimizer,
+            sharded,
+            state["model_state"],
+            state["optimizer_state"],
+            trainable_only=self.lora is not None,
         )
         trainer_state = state["trainer_state"]
         self.step, self.skipped = int(trainer_state["step"]), int(trainer_state["skipped"])
