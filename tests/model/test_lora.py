@@ -18,11 +18,14 @@ from unitrain.model.lora import (
     adapter_state_dict,
     apply_lora,
     keep_as_reference,
+    lora_linears,
     merge_lora,
     reference_adapters,
 )
 
 RANK, ALPHA = 4, 8.0
+# peft 0.21 calls a transformers 5 method that warns of its own deprecation
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 def lora_model(path, targets=LORA_TARGET_MODULES, seed=0, dtype=None):
@@ -198,6 +201,7 @@ def test_adapter_directory_loads_in_peft_and_back(random_hf_model, tmp_path):
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
         ({"target_modules": "q_proj|v_proj"}, "target_modules must be a list"),
         ({"peft_type": "IA3"}, "only LORA adapters"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "target module 'lm_head' is not supported"),
         ({"r": 0}, "r must be a positive number"),
     ],
 )
@@ -208,3 +212,19 @@ def test_unsupported_adapter_configs_are_one_line_errors(tmp_path, changes, mess
     with pytest.raises(UnitrainError, match=message) as error:
         read_adapter_config(tmp_path)
     assert "\n" not in str(error.value) and "adapter_config.json" in str(error.value)
+
+
+def test_dropout_acts_on_the_adapters_in_training_only(random_hf_model, tmp_path):
+    random_hf_model("llama").save_pretrained(tmp_path)
+    model, base = lora_model(tmp_path), from_pretrained(tmp_path)
+    for module in lora_linears(model).values():
+        module.dropout = 0.5
+    input_ids = torch.randint(0, 160, (2, 12))
+    with torch.no_grad():
+        expected = model.eval()(input_ids)
+        model.train()
+        first, second = model(input_ids), model(input_ids)
+        assert not torch.equal(first, second) and not torch.equal(first, expected)
+        with reference_adapters(model):  # the reference never drops anything
+            assert torch.equal(model(input_ids), base(input_ids))
+        assert torch.equal(model.eval()(input_ids), expected)

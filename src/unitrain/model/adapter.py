@@ -23,7 +23,13 @@ from safetensors.torch import save_file
 from unitrain.errors import UnitrainError
 from unitrain.model.hf import from_pretrained, hf_names
 from unitrain.model.llama import Transformer
-from unitrain.model.lora import adapter_state_dict, apply_lora, load_adapter_state, merge_lora
+from unitrain.model.lora import (
+    LORA_TARGET_MODULES,
+    adapter_state_dict,
+    apply_lora,
+    load_adapter_state,
+    merge_lora,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -132,9 +138,13 @@ def read_adapter_config(directory: str | Path) -> dict:
         value = config.get(key, default)
         if value != default and not (value in (None, [], {}) and default in (None, {})):
             raise UnitrainError(f"{path}: {key}={value!r} is not supported (plain LoRA only)")
-    if not isinstance(config.get("target_modules"), list):
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        raise UnitrainError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+    unknown = sorted(set(targets) - set(LORA_TARGET_MODULES))
+    if unknown:
         raise UnitrainError(
-            f"{path}: target_modules must be a list of module names, got {config.get('target_modules')!r}"
+            f"{path}: target module {unknown[0]!r} is not supported; supported: {', '.join(LORA_TARGET_MODULES)}"
         )
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or config[key] <= 0:

@@ -8,8 +8,9 @@ does, and the export maps each adapter to PEFT's per-projection names. `A` start
 
 Inside `reference_adapters(model)` every LoRA linear computes the DPO reference instead: its base alone, or the
 base plus a frozen copy of the adapter a run started from (`keep_as_reference`). The trade-off: the policy and
-its reference are one module that switches per forward, so no second model exists; the reference of a run that
-starts from an adapter keeps one extra copy of that (small) adapter.
+its reference are one module that switches per forward, so no second model exists, but the reference forward
+costs as much as the policy's (it is not cached by the module); a run that starts from an adapter keeps one
+extra copy of that (small) adapter.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class LoraLinear(nn.Linear):
 
     `weight` and `bias` are the base linear's own parameters (same names, so checkpoints and the Hugging Face map
     see an ordinary linear); `lora_A[name]` (r, in) and `lora_B[name]` (width, r) are the adapter of projection
-    `name`."""
+    `name`. The forward runs all of a linear's adapters as two matmuls: x @ [A_q; A_k; A_v]^T, then one
+    accumulate into the base output with the block-diagonal of the B matrices (zero rows for parts without an
+    adapter), so the extra cost is a few thin matmuls and no extra (tokens, out) tensor."""
 
     def __init__(
         self,
@@ -62,19 +65,20 @@ class LoraLinear(nn.Linear):
         self.scale = alpha / rank
         self.dropout = dropout
         self.use_reference = False
-        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # frozen starting adapter
-        starts = [sum(width for _, width in parts[:index]) for index in range(len(parts))]
-        self.slices = {name: (start, width) for (name, width), start in zip(parts, starts) if name in targets}
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen starting adapter, stacked
+        self.parts = parts  # (projection, width) of every part of the output, in order
+        self.targets = [name for name, _ in parts if name in targets]
+        widths = dict(parts)
         self.lora_A = nn.ParameterDict(
             {
                 name: nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32))
-                for name in self.slices
+                for name in self.targets
             }
         )
         self.lora_B = nn.ParameterDict(
             {
-                name: nn.Parameter(torch.zeros(width, rank, dtype=torch.float32))
-                for name, (_, width) in self.slices.items()
+                name: nn.Parameter(torch.zeros(widths[name], rank, dtype=torch.float32))
+                for name in self.targets
             }
         )
 
@@ -82,36 +86,53 @@ class LoraLinear(nn.Linear):
         """PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a=sqrt(5)), B = 0."""
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            for name in self.slices:
+            for name in self.targets:
                 values = torch.rand(self.lora_A[name].shape, generator=generator, dtype=torch.float32)
                 self.lora_A[name].copy_(values * (2 * bound) - bound)
                 self.lora_B[name].zero_()
 
-    def _adapters(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        if not self.use_reference:
-            for name, (start, width) in self.slices.items():
-                yield start, width, self.lora_A[name], self.lora_B[name]
-        elif self.reference is not None:
-            for name, (start, width) in self.slices.items():
-                yield start, width, *self.reference[name]
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable adapters as A (S*r, in) and a block-diagonal B (O, S*r); differentiable."""
+        empty = self.lora_B[self.targets[0]].new_zeros(0, 0)
+        blocks = [
+            self.lora_B[name] if name in self.lora_B else empty.new_zeros(width, 0)
+            for name, width in self.parts
+        ]
+        return torch.cat([self.lora_A[name] for name in self.targets]), torch.block_diag(*blocks)
+
+    def _active(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.use_reference:
+            return self.reference
+        return self.stacked()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (..., O): the fused base matmul, unchanged
-        for start, width, lora_a, lora_b in self._adapters():
-            inputs = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.dtype)
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        out = F.linear(flat, self.weight, self.bias)  # (N, O): the fused base matmul, unchanged
+        adapters = self._active()
+        if adapters is not None:
+            lora_a, lora_b = adapters  # (S*r, in), (O, S*r)
+            if not torch.is_autocast_enabled(x.device.type):
+                flat = flat.to(lora_a.dtype)
             if self.dropout and self.training and not self.use_reference:
-                inputs = F.dropout(inputs, self.dropout)  # its own mask per projection, as PEFT
-            delta = F.linear(F.linear(inputs, lora_a), lora_b) * self.scale  # (..., width)
-            # in place on this projection's columns: the base matmul's backward does not need its output
-            out.narrow(-1, start, width).add_(delta.to(out.dtype))
-        return out
+                # its own dropout mask per projection, as PEFT
+                rank = lora_a.shape[0] // len(self.targets)
+                hidden = torch.cat(
+                    [F.linear(F.dropout(flat, self.dropout), a) for a in lora_a.split(rank)], dim=-1
+                )  # (N, S*r)
+            else:
+                hidden = F.linear(flat, lora_a)  # (N, S*r)
+            # in place: the base matmul's backward does not need its output
+            out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).T, alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., O)
 
     def merged_weight(self) -> torch.Tensor:
-        """The base weight (O, in) with every adapter folded in: W[slice] + scale * B @ A, computed in fp32."""
-        weight = self.weight.detach().float().clone()
-        for start, width, lora_a, lora_b in self._adapters():
-            weight[start : start + width] += (lora_b.detach().float() @ lora_a.detach().float()) * self.scale
-        return weight.to(self.weight.dtype)
+        """The base weight (O, in) with the active adapters folded in: W + scale * B @ A, computed in fp32."""
+        weight = self.weight.detach().float()
+        adapters = self._active()
+        if adapters is None:
+            return self.weight.detach().clone()
+        lora_a, lora_b = (tensor.detach().float() for tensor in adapters)
+        return (weight + (lora_b @ lora_a) * self.scale).to(self.weight.dtype)
 
 
 def lora_linears(model: nn.Module) -> dict[str, LoraLinear]:
@@ -183,11 +204,9 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 
 def keep_as_reference(model: nn.Module) -> None:
     """Freeze a copy of the current adapters as the DPO reference (a run that starts from an adapter)."""
-    for module in lora_linears(model).values():
-        module.reference = {
-            name: (module.lora_A[name].detach().clone(), module.lora_B[name].detach().clone())
-            for name in module.slices
-        }
+    with torch.no_grad():
+        for module in lora_linears(model).values():
+            module.reference = tuple(tensor.detach().clone() for tensor in module.stacked())
 
 
 @contextlib.contextmanager
