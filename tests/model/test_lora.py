@@ -24,8 +24,6 @@ from unitrain.model.lora import (
 )
 
 RANK, ALPHA = 4, 8.0
-# peft 0.21 calls a transformers 5 method that warns of its own deprecation
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 def lora_model(path, targets=LORA_TARGET_MODULES, seed=0, dtype=None):
