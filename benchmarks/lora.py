@@ -1,6 +1,6 @@
 """LoRA DPO against full DPO with a frozen reference model: peak memory and pairs/s, same model, data and pairs.
 
-    python benchmarks/lora.py                    # CPU, fp32: a ~500M-parameter random Llama, 3 repeats
+    python benchmarks/lora.py                    # CPU, fp32: a ~500M-parameter random Llama, 2 repeats
     python benchmarks/lora.py --quick            # smoke run: tiny model, one repeat
     python benchmarks/lora.py --device cuda      # GPU, bf16 (the LoRA base is then stored in bf16)
 
@@ -9,9 +9,11 @@ executes, without the final checkpoint and export) on the same random Llama chec
 the same prepared HH-RLHF pairs, the same seed and packing, hence the same pairs in every step (checked).
 `full`: every weight trains (fp32 master weights, AdamW) against `dpo.reference: model`, a second frozen copy.
 `lora`: rank 16 on all seven projections, the base frozen, the reference the same module with its adapters off.
-Each run is its own process, so its peak resident memory (GPU: peak allocated) is its own; the order alternates
-between repeats; warm-up steps are dropped; the tables give the median and the min-max over repeats.
-Trade-off: a process per run costs start-up seconds but no run's allocations leak into another's numbers.
+Each configuration is its own process, so its peak resident memory (GPU: peak allocated) is its own. The two
+processes of a repeat live side by side and take turns step by step (the order flips every step), so both see
+the same machine: on a shared machine whose speed drifts by minutes, the ratio of the two times of one step
+is robust where back-to-back runs are not. Warm-up steps are dropped; medians and min-max are reported.
+Trade-off: both processes hold their memory at once (one is idle while the other steps).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +38,8 @@ from _bench_common import (
     select_pairs,
     write_json,
 )
-from dpo_vs_trl import run_worker
 
+HERE = Path(__file__).resolve().parent
 VARIANTS = ("full", "lora")
 
 
@@ -49,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sequence-length", type=int, default=512, help="slots of the one row per step")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=1)
-    parser.add_argument("--timed-steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timed-steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", default=None, help="keep the checkpoint, data and raw results here")
     parser.add_argument("--output", default=None, help="write the full results as JSON here")
@@ -83,20 +86,24 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
         "run": {"output_dir": tempfile.mkdtemp(dir=spec["workdir"]), "progress": False, "tensorboard": False},
         "lora": {"rank": spec["rank"], "alpha": 2.0 * spec["rank"]} if variant == "lora" else {},
     }
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)  # one line per step back to the orchestrator
+    os.dup2(2, 1)  # everything else the trainer prints goes to the log
     start = time.perf_counter()
     trainer = Trainer(parse_config(raw), init_distributed(spec["device"]), resume=False)
     setup_seconds = time.perf_counter() - start
     cuda = spec["device"].startswith("cuda")
     setup_peak = peak_memory_mib(cuda, reset=True)  # loading and building; then the steps' own peak
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    protocol.write("ready\n")
     steps = []
-    for _ in range(spec["warmup_steps"] + spec["timed_steps"]):
+    for command in sys.stdin:  # "step" per step, then end of input
+        if command.strip() != "step":
+            raise SystemExit(f"unexpected command {command!r}")
         metrics = trainer.train_step()
         if metrics is None:
             raise SystemExit("a step had a non-finite loss or gradient")
         seconds = metrics["step_seconds"]
-        pairs = round(metrics["pairs_per_second"] * seconds)
-        steps.append({"seconds": seconds, "pairs": pairs, "loss": metrics["loss"]})
+        steps.append({"seconds": seconds, "pairs": round(metrics["pairs_per_second"] * seconds)})
+        protocol.write(json.dumps(steps[-1]) + "\n")
     training_peak = peak_memory_mib(cuda)
     write_json(
         out_path,
@@ -104,13 +111,51 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
             "variant": variant,
             "steps": steps,
             "setup_seconds": setup_seconds,
-            "trainable_parameters": trainable,
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
             "setup_peak_mib": setup_peak,
             "training_peak_mib": training_peak,
             "peak_memory_mib": max(setup_peak, training_peak),
         },
     )
+
+
+def run_repeat(workdir: Path, repeat: int, steps: int) -> dict[str, dict]:
+    """Start both configurations' processes, then let them take turns, one step each, the order flipping."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    processes, outputs = {}, {}
+    for variant in VARIANTS:
+        outputs[variant] = workdir / "results" / f"{variant}-{repeat}.json"
+        command = [
+            sys.executable,
+            "lora.py",
+            "--worker",
+            str(workdir / "spec.json"),
+            variant,
+            str(outputs[variant]),
+        ]
+        log = (workdir / "logs" / f"{variant}-{repeat}.log").open("w")
+        processes[variant] = subprocess.Popen(
+            command, cwd=HERE, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        expect_line(processes[variant], variant)  # set up one at a time
+    for step in range(steps):
+        for variant in VARIANTS if (step + repeat) % 2 == 0 else VARIANTS[::-1]:
+            processes[variant].stdin.write("step\n")
+            processes[variant].stdin.flush()
+            expect_line(processes[variant], variant)
+    for variant, process in processes.items():
+        process.stdin.close()
+        if process.wait() != 0:
+            raise SystemExit(f"worker {variant}-{repeat} failed; see {workdir / 'logs'}")
+    return {variant: json.loads(path.read_text()) for variant, path in outputs.items()}
+
+
+def expect_line(process: subprocess.Popen, variant: str) -> str:
+    line = process.stdout.readline()
+    if not line:
+        raise SystemExit(f"worker {variant} exited early (exit {process.wait()})")
+    return line
 
 
 def peak_memory_mib(cuda: bool, reset: bool = False) -> float:
@@ -158,27 +203,31 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]], warmup: int) -> dict:
-    """Per variant: pairs/s and peak memory over repeats (median, min, max); the same pairs in every step."""
+    """Per variant: pairs/s and peak memory over repeats (median, min, max); the same pairs in every step; and the
+    ratio of the two configurations' times of each timed step (they ran side by side)."""
     pairs = {
         variant: [[s["pairs"] for s in run["steps"]] for run in results] for variant, results in runs.items()
     }
-    reference = pairs[VARIANTS[0]][0]
-    if any(step_pairs != reference for variant_pairs in pairs.values() for step_pairs in variant_pairs):
+    if pairs["full"] != pairs["lora"]:
         raise SystemExit(f"the configurations trained on different pairs per step: {pairs}")
     summary = {}
     for variant, results in runs.items():
-        rates = [
-            sum(s["pairs"] for s in r["steps"][warmup:]) / sum(s["seconds"] for s in r["steps"][warmup:])
-            for r in results
-        ]
+        timed = [run["steps"][warmup:] for run in results]
+        rates = [sum(s["pairs"] for s in steps) / sum(s["seconds"] for s in steps) for steps in timed]
         summary[variant] = {
             "pairs_per_second": median_spread(rates),
             "peak_memory_mib": median_spread([r["peak_memory_mib"] for r in results]),
             "training_peak_mib": median_spread([r["training_peak_mib"] for r in results]),
             "parameters": results[0]["parameters"],
             "trainable_parameters": results[0]["trainable_parameters"],
-            "pairs_per_step": reference,
+            "pairs_per_step": pairs["full"],
         }
+    speedups = [
+        full["seconds"] / lora["seconds"]
+        for full_run, lora_run in zip(runs["full"], runs["lora"])
+        for full, lora in zip(full_run["steps"][warmup:], lora_run["steps"][warmup:])
+    ]
+    summary["step_speedup"] = median_spread(speedups)
     return summary
 
 
@@ -206,7 +255,7 @@ def markdown(summary: dict, device: str) -> str:
     lines += [
         "",
         f"LoRA / full (medians): peak memory {memory_ratio:.3f}x (target <= 0.35x), pairs/s {speed_ratio:.2f}x "
-        "(target >= 1.3x)",
+        f"(target >= 1.3x); per step, full's time / LoRA's time {spread(summary['step_speedup'], 2)}",
     ]
     return "\n".join(lines)
 
@@ -217,13 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(*args.worker)
         return 0
     if args.quick:
-        args.hidden_size, args.layers, args.sequence_length, args.repeats, args.timed_steps = (
-            128,
-            2,
-            512,
-            1,
-            1,
-        )
+        args.hidden_size, args.layers, args.repeats, args.timed_steps = 128, 2, 1, 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lora-bench-"))
     for sub in ("results", "logs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -231,15 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = prepare(workdir, args)
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
-        for variant in VARIANTS[repeat % 2 :] + VARIANTS[: repeat % 2]:  # alternate which runs first
-            name = f"{variant}-{repeat}"
-            print(f"running {name}", file=sys.stderr, flush=True)
-            runs[variant].append(
-                run_worker(workdir, name, ["lora.py", "--worker", str(workdir / "spec.json"), variant])
-            )
+        print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
+        for variant, result in run_repeat(workdir, repeat, args.warmup_steps + args.timed_steps).items():
+            runs[variant].append(result)
     summary = summarize(runs, args.warmup_steps)
     table = markdown(summary, args.device)
-    machine = {"cpu": platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
     report = {
