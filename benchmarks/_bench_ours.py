@@ -51,15 +51,16 @@ def step_batch(spec: Spec, dataset, indices: np.ndarray, mode: str, share_prompt
 
 def policy_pair_logps(model, batch):
     from unitrain.losses.logprobs import target_logprobs
-    from unitrain.losses.preference import response_logps
+    from unitrain.losses.preference import pair_view, response_logps
 
     hidden = model.hidden_states(batch)  # (R, T, D)
     logps = target_logprobs(hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens).logps
-    return response_logps(logps, batch.target_pair, batch.target_response, batch.num_pairs)  # (P, 2) x 2
+    sums, counts = response_logps(logps, batch.target_response, batch.num_responses)  # (Rb,) x 2
+    return pair_view(sums, batch.pair_responses), pair_view(counts, batch.pair_responses)  # (P, 2) x 2
 
 
 def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dict:
-    from unitrain.losses.preference import PreferenceLossConfig, preference_losses
+    from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
     from unitrain.model.attention import build_attention
     from unitrain.train.reference import make_reference
 
@@ -99,7 +100,9 @@ def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dic
         sums, counts = policy_pair_logps(model, batch)
         sync(spec.device)
         marks.append(time.perf_counter())
-        reference_logps = reference.pair_logps(batch)  # (P, 2)
+        reference_logps = reference.response_logps(batch)  # (Rb,)
+        if reference_logps is not None:
+            reference_logps = pair_view(reference_logps, batch.pair_responses)  # (P, 2)
         sync(spec.device)
         marks.append(time.perf_counter())
         output = preference_losses(sums, reference_logps, counts, loss_config)
@@ -139,7 +142,7 @@ def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dic
 
 def run_gate(spec: Spec) -> dict:
     """Per-pair log-probs and losses of the first `gate_pairs` pairs in every layout, against a distinct reference."""
-    from unitrain.losses.preference import PreferenceLossConfig, preference_losses
+    from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
     from unitrain.model import from_pretrained
     from unitrain.train.reference import ModelReference
 
@@ -164,9 +167,9 @@ def run_gate(spec: Spec) -> dict:
         batch = step_batch(spec, dataset, indices, mode, share_prompt)
         with torch.no_grad():
             sums, counts = policy_pair_logps(model, batch)
-            reference_logps = reference.pair_logps(batch)
+            reference_logps = pair_view(reference.response_logps(batch), batch.pair_responses)
             output = preference_losses(sums, reference_logps, counts, loss_config)
-        order = torch.argsort(batch.pair_index.cpu())  # report in dataset order
+        order = torch.argsort(batch.group_index.cpu())  # report in dataset order (one group per pair)
         layouts[f"{mode}-{'shared' if share_prompt else 'dup'}"] = [
             {
                 "policy": sums[k].float().tolist(),

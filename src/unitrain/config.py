@@ -246,6 +246,59 @@ class WandbSection(Section):
     )
 
 
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSection(Section):
+    rank: int | None = Field(
+        None, description="LoRA rank r; null: LoRA off (full fine-tuning). See docs/training.md#lora."
+    )
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by `alpha / rank`.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (training only).")
+    target_modules: list[str] = Field(
+        list(LORA_TARGET_MODULES),
+        description="Hugging Face projections that get an adapter, in every layer: "
+        + ", ".join(f"`{name}`" for name in LORA_TARGET_MODULES)
+        + ".",
+    )
+    adapter: str | None = Field(
+        None,
+        description="A PEFT LoRA adapter directory to start from (e.g. the `hf` export of a LoRA SFT run); its "
+        "rank, alpha, target modules and base (`model.path`) must match. It is also the DPO reference.",
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, rank: int | None) -> int | None:
+        if rank is not None and rank <= 0:
+            raise ValueError(f"must be positive, got {rank} (null turns LoRA off)")
+        return rank
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("name at least one module")
+        for name in names:
+            if name not in LORA_TARGET_MODULES:
+                close = difflib.get_close_matches(name, LORA_TARGET_MODULES, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown module '{name}' ({hint}valid: {', '.join(LORA_TARGET_MODULES)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a module is listed twice in {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _settings_need_rank(self) -> LoraSection:
+        # compared with the defaults (not the keys given) so that a dumped config loads again
+        defaults = LoraSection.model_construct().model_dump()  # construct: no validation, no recursion
+        if self.rank is None and self.adapter is not None:
+            raise ValueError("adapter is given but rank is null; set lora.rank to the adapter's r")
+        if self.rank is None and self.model_dump() != defaults:
+            raise ValueError("settings are given but rank is null (LoRA off); set lora.rank")
+        return self
+
+
 class TrainConfig(Section):
     objective: Literal["pretrain", "sft", "dpo"] = Field(
         description="Training loss: LM, masked LM, or DPO-family."
@@ -262,6 +315,9 @@ class TrainConfig(Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
     wandb: WandbSection = Field(
         default_factory=WandbSection, description="Weights & Biases logging (off by default)."
+    )
+    lora: LoraSection = Field(
+        default_factory=LoraSection, description="Low-rank adapters on a frozen base (any objective)."
     )
 
     @model_validator(mode="after")
@@ -281,6 +337,22 @@ class TrainConfig(Section):
             )
         if self.objective == "dpo":
             self.preference_loss_config()
+        return self
+
+    @model_validator(mode="after")
+    def _lora_adapter_matches(self) -> TrainConfig:
+        if self.lora.adapter is None:
+            return self
+        if self.model.path is None:
+            raise ValueError("lora.adapter needs model.path: the base checkpoint the adapter was trained on")
+        from unitrain.model.adapter import check_adapter
+
+        try:
+            check_adapter(
+                self.lora.adapter, self.lora.rank, self.lora.alpha, self.lora.target_modules, self.model.path
+            )
+        except UnitrainError as error:
+            raise ValueError(f"lora.adapter: {error}") from None
         return self
 
     def preference_loss_config(self):

@@ -36,7 +36,7 @@ GROUPS = {"dpo": {"loss": ["sigmoid", "plackett_luce"], "group_pairs": "all"}}
 
 
 def one_process_run(data, tmp_path_factory, tiny_config, **sections):
-    """The reference run: one process, 4 micro-batches of 1 row per step."""
+    """A reference run: one process, 4 micro-batches of 1 row per step."""
     root = tmp_path_factory.mktemp("one")
     batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 4}
     (root / "run.yaml").write_text(
@@ -48,7 +48,16 @@ def one_process_run(data, tmp_path_factory, tiny_config, **sections):
 
 @pytest.fixture(scope="module")
 def one_process(preference_data, tmp_path_factory, tiny_config):
-    return one_process_run(preference_data, tmp_path_factory, tiny_config)
+    """The reference runs on pairs, one per `lora` section, each run once."""
+    roots = {}
+
+    def run(lora: dict):
+        key = str(sorted(lora.items()))
+        if key not in roots:
+            roots[key] = one_process_run(preference_data, tmp_path_factory, tiny_config, lora=lora)
+        return roots[key]
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +66,37 @@ def one_process_groups(group_data, tmp_path_factory, tiny_config):
 
 
 @pytest.mark.parametrize(
-    ("fsdp", "reference"),
-    [(False, "model"), (True, "model"), (False, "cached")],
-    ids=["ddp", "fsdp2", "ddp-cached"],
+    ("fsdp", "reference", "lora"),
+    [
+        (False, "model", {}),
+        (True, "model", {}),
+        (False, "cached", {}),
+        (False, "model", {"rank": 4, "alpha": 16.0}),
+        (True, "model", {"rank": 4, "alpha": 16.0}),
+    ],
+    ids=["ddp", "fsdp2", "ddp-cached", "ddp-lora", "fsdp2-lora"],
 )
 def test_two_gloo_ranks_match_one_process(
-    fsdp, reference, one_process, preference_data, tmp_path, tiny_config
+    fsdp, reference, lora, one_process, preference_data, tmp_path, tiny_config
 ):
     """2 ranks x 2 micro-batches of 1 row: the same rows per step as the one-process run (whose reference model
-    runs alongside; a cached reference, filled once by rank 0, gives the same numbers)."""
+    runs alongside; a cached reference, filled once by rank 0, gives the same numbers). With LoRA the reference
+    is the policy module with its adapters off, through the DDP/FSDP2-wrapped model; checkpoints hold the
+    adapters only."""
     batch = {"micro_batch_size": 1, "gradient_accumulation_steps": 2}
     sections = {"batch": batch, "parallel": {"fsdp": fsdp}, "dpo": {"reference": reference}, **SECTIONS}
-    config = tiny_config("dpo", preference_data, tmp_path, **sections)
+    config = tiny_config("dpo", preference_data, tmp_path, lora=lora, **sections)
     (tmp_path / "run.yaml").write_text(config_to_yaml(config))
     launch(tmp_path / "run.yaml", 2)
 
+    one_process = one_process(lora)
     assert_same_run(tmp_path, one_process)
     if reference == "cached":
         assert [path.name for path in (tmp_path / "reference-cache").iterdir()] == [
             "reference_logps.safetensors"
         ]
+    weights_one = load_file(str(latest_checkpoint(one_process) / "model.safetensors"))
+    assert all(("lora_" in name) == bool(lora) for name in weights_one)
 
 
 KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "eval/loss", "eval/rewards/accuracies")
@@ -92,7 +112,9 @@ def assert_same_run(two, one, keys=KEYS, atol=1e-5) -> None:
         assert len(got) == len(want) > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
     weights_two = load_file(str(latest_checkpoint(two) / "model.safetensors"))
-    for name, tensor in load_file(str(latest_checkpoint(one) / "model.safetensors")).items():
+    weights_one = load_file(str(latest_checkpoint(one) / "model.safetensors"))
+    assert weights_two.keys() == weights_one.keys()
+    for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=atol)
 
 

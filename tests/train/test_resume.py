@@ -18,7 +18,10 @@ from unitrain.train.metrics import read_metrics
 from unitrain.train.trainer import Trainer
 
 
-def test_sigterm_then_resume_matches_uninterrupted(preference_data, tmp_path, tiny_config, monkeypatch):
+@pytest.mark.parametrize("lora", [{}, {"rank": 4, "dropout": 0.1}], ids=["full", "lora"])
+def test_sigterm_then_resume_matches_uninterrupted(lora, preference_data, tmp_path, tiny_config, monkeypatch):
+    """With LoRA the checkpoints hold only the adapters and their optimizer state (and the dropout RNG)."""
+
     def config(output_dir):
         return tiny_config(
             "dpo",
@@ -26,6 +29,7 @@ def test_sigterm_then_resume_matches_uninterrupted(preference_data, tmp_path, ti
             output_dir,
             train={"max_steps": 8},
             run={"save_every": 3, "eval_every": 4, "keep_last": 5},
+            lora=lora,
         )
 
     train(config(tmp_path / "full"))

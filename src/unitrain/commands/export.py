@@ -1,6 +1,7 @@
-"""`unitrain export CHECKPOINT --output DIR`: a training checkpoint → a Hugging Face checkpoint directory.
+"""`unitrain export CHECKPOINT --output DIR [--merge]`: a training checkpoint → a Hugging Face directory.
 
-CHECKPOINT is one `checkpoints/step-*` directory, or a run directory (its latest checkpoint is used).
+CHECKPOINT is one `checkpoints/step-*` directory, or a run directory (its latest checkpoint is used). A LoRA
+checkpoint gives a PEFT adapter directory; `--merge` gives its base with the adapters merged in instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", required=True, help="directory for config.json, weights and tokenizer files"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA: write the base with the adapters merged in, not an adapter",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         if latest is None:
             raise UnitrainError(f"{checkpoint}: neither a checkpoint nor a run directory with checkpoints")
         checkpoint = latest
-    output = export_hf(checkpoint, args.output)
+    output = export_hf(checkpoint, args.output, merge=args.merge)
     print(f"exported {checkpoint} to {output}")
     return 0

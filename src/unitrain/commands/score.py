@@ -27,7 +27,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="Hugging Face checkpoint directory of the model to score"
+        "--model",
+        required=True,
+        help="Hugging Face checkpoint directory of the model to score, or a PEFT LoRA adapter directory",
+    )
+    parser.add_argument(
+        "--base", help="base checkpoint of adapter directories (default: their base_model_name_or_path)"
     )
     parser.add_argument("--data", required=True, help="prepared preference dataset directory")
     parser.add_argument(
@@ -116,10 +121,11 @@ def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap import GPTMemmapDataset
-    from unitrain.model import from_pretrained
+    from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
     from unitrain.train.compat import check_tokenizer, check_vocab_size
     from unitrain.train.data import held_out_indices
     from unitrain.train.dist import resolve_device
+    from unitrain.train.lora import check_adapter_base
 
     started = time.perf_counter()
     dataset = GPTMemmapDataset(args.data)
@@ -146,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
     for role, path in (("policy", args.model), ("reference", args.reference)):
         if path is None:
             continue
-        model = from_pretrained(path, dtype=DTYPES[args.dtype], device=device).eval()
+        if is_adapter_dir(path):
+            check_adapter_base(path, adapter_base(path, args.base))
+        model = load_model(path, base=args.base, dtype=DTYPES[args.dtype], device=device).eval()
         check_vocab_size(model.config.vocab_size, dataset.vocab_size, path)
         scored[role], skipped = _score(model, dataset, indices, packing, args.batch_size, device, role)
         del model

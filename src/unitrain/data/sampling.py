@@ -8,7 +8,7 @@ built once, written beside the run and memory-mapped by the other ranks of the m
 
 Blending: each epoch takes from source s `round(N · w_s / Σw)` documents (N = all indices of all sources),
 reshuffled from its own indices (repeating them when it needs more than it has), packs each source apart and
-shuffles the rows of all sources together. The `pair_index` of a blended batch is offset by the total length of
+shuffles the rows of all sources together. The `group_index` of a blended batch is offset by the total length of
 the datasets listed before its own, so one index names one pair across sources.
 """
 

@@ -182,14 +182,24 @@ def write_tokenizer_files(tokenizer_path: str | Path | None, eos_id: int | None,
         _write_json(output / "tokenizer_config.json", config)
 
 
-def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write a Hugging Face checkpoint (safetensors weights, config.json, tokenizer files) from a checkpoint."""
+def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """Write a Hugging Face checkpoint (safetensors weights, config.json, tokenizer files) from a checkpoint.
+
+    A LoRA checkpoint gives a PEFT adapter directory, or with `merge` its base with the adapters merged in."""
     from unitrain.model import ModelConfig, build_model, save_pretrained
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "meta.json").is_file():
         raise UnitrainError(f"{checkpoint}: not a complete checkpoint (no meta.json)")
     meta = json.loads((checkpoint / "meta.json").read_text())
+    if meta.get("lora"):
+        from unitrain.train.lora import export_checkpoint
+
+        export_checkpoint(checkpoint, meta, Path(output), merge)
+        write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), Path(output))
+        return Path(output)
+    if merge:
+        raise UnitrainError(f"{checkpoint}: holds full weights, not LoRA adapters; export it without --merge")
     model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
     with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
         model = build_model(model_config)
@@ -205,14 +215,19 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
 
 
 def gather_states(
-    wrapped: torch.nn.Module, model: torch.nn.Module, optimizer, sharded: bool
+    wrapped: torch.nn.Module, model: torch.nn.Module, optimizer, sharded: bool, trainable_only: bool = False
 ) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state dicts; collective on every rank when `sharded` (FSDP2)."""
+    """Full (unsharded) model and optimizer state dicts; collective on every rank when `sharded` (FSDP2).
+    `trainable_only` leaves out frozen parameters (a LoRA base, which the checkpoint does not hold)."""
     if not sharded:
+        if trainable_only:
+            return {
+                n: p.detach() for n, p in model.named_parameters() if p.requires_grad
+            }, optimizer.state_dict()
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=options)
     # The wrapper holds the Transformer as `model`: store the Transformer's own names.
     return {name.removeprefix("model."): tensor for name, tensor in model_state.items()}, optimizer_state
@@ -225,10 +240,11 @@ def restore_states(
     sharded: bool,
     model_state: dict,
     optimizer_state: dict,
+    trainable_only: bool = False,
 ) -> None:
     """Inverse of `gather_states`: load full state dicts into a (possibly sharded) model and its optimizer."""
     if not sharded:
-        model.load_state_dict(model_state)
+        model.load_state_dict(model_state, strict=not trainable_only)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -239,5 +255,5 @@ def restore_states(
         optimizer,
         model_state_dict=prefixed,
         optim_state_dict=optimizer_state,
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=not trainable_only),
     )

@@ -8,6 +8,7 @@ trainer multiplies its loss by `world_size` (`gradient_scale`) instead of changi
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,6 +74,9 @@ def init_distributed(device_choice: str) -> DistContext:
 
 def shutdown(context: DistContext) -> None:
     if context.is_distributed and dist.is_initialized():
+        # A DDP wrapper (kept alive by reference cycles) still holding the group when it is destroyed makes the
+        # gloo process abort at exit now and then ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ from unitrain.files import follow_umask
 from unitrain.losses.logprobs import target_logprobs
 from unitrain.losses.preference import pair_view, response_logps
 from unitrain.model import from_pretrained
+from unitrain.model.adapter import adapter_hash, load_merged
 
 KINDS = ("none", "model", "cached")
 CACHE_FILE = "reference_logps.safetensors"
@@ -137,18 +138,26 @@ def make_reference(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    adapter: str | Path | None = None,
 ) -> Reference:
     """Build the reference of `kind` (none | model | cached). `datasets` and `cache_dir` matter for `cached` only;
     `on_mismatch` is `recompute` or `error`; `sequence_length` and `micro_batch_size` size the caching pass;
-    `progress` shows bars (stderr) while the weights are hashed and the cache is computed."""
+    `progress` shows bars (stderr) while the weights are hashed and the cache is computed. `adapter`: a PEFT LoRA
+    adapter merged into the reference checkpoint (and hashed into the cache key)."""
     if kind not in KINDS:
         raise UnitrainError(f"dpo.reference must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "none":
         return Reference()
     if model_path is None:
         raise UnitrainError(f"dpo.reference: {kind} needs a reference model path")
+
+    def load() -> torch.nn.Module:
+        if adapter is None:
+            return from_pretrained(model_path, dtype=dtype, device=device)
+        return load_merged(adapter, base=model_path, dtype=dtype, device=device)
+
     if kind == "model":
-        return ModelReference(from_pretrained(model_path, dtype=dtype, device=device))
+        return ModelReference(load())
     if cache_dir is None or not datasets:
         raise UnitrainError("dpo.reference: cached needs a cache directory and the datasets to cache")
     if on_mismatch not in ("recompute", "error"):
@@ -156,7 +165,7 @@ def make_reference(
     path = Path(cache_dir) / CACHE_FILE
     key = {
         "fingerprints": [str(dataset.fingerprint) for dataset in datasets],
-        "weights": weights_hash(model_path, progress),
+        "weights": weights_hash(model_path, progress) + (f"+{adapter_hash(adapter)}" if adapter else ""),
         "dtype": str(dtype).removeprefix("torch."),  # bf16 and fp32 log-probs differ: never mixed silently
     }
     tables, reason = _read_cache(path, key)
@@ -168,7 +177,7 @@ def make_reference(
         )
     if reason is not None:
         print(f"reference cache {path}: {reason}; recomputing")
-    model = from_pretrained(model_path, dtype=dtype, device=device).eval().requires_grad_(False)
+    model = load().eval().requires_grad_(False)
     tables = [
         _compute_table(model, dataset, sequence_length, micro_batch_size, device, progress)
         for dataset in datasets

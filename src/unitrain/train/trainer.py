@@ -26,6 +26,7 @@ from unitrain.config import TrainConfig, config_to_yaml
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
+from unitrain.train import lora
 from unitrain.train.compat import check_tokenizer, check_vocab_size
 from unitrain.train.data import TrainingData, describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
@@ -69,7 +70,9 @@ class PolicyLogprobs(torch.nn.Module):
         ).logps  # (N,)
 
 
-def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
+def _load_policy(
+    config: TrainConfig, data: TrainingData, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
 
     for checkpoint in (config.model.path, config.dpo.reference_model):
@@ -77,7 +80,7 @@ def _load_policy(config: TrainConfig, data: TrainingData) -> torch.nn.Module:
             allowed = config.data.allow_tokenizer_mismatch
             check_tokenizer(checkpoint, data.datasets, allowed, "data.allow_tokenizer_mismatch=true")
     if config.model.path is not None:
-        model = from_pretrained(config.model.path, dtype=torch.float32)
+        model = from_pretrained(config.model.path, dtype=dtype)
     else:
         torch.manual_seed(config.train.seed)
         # BOS/EOS of the data's tokenizer go into config.json, so that an export's `generate` stops at EOS
@@ -112,11 +115,14 @@ class Trainer:
         self._report_packing()
         if context.is_main:  # what `unitrain score --held-out` reads
             write_validation_record(self.output_dir, self.data, config)
-        self.model = _load_policy(config, self.data).to(context.device)
+        base_dtype = lora.base_dtype(config, context.device)  # fp32 unless a frozen LoRA base is kept in bf16
+        self.model = _load_policy(config, self.data, base_dtype).to(context.device)
         if self.resume_from is None and config.model.path is None and context.is_main:
             # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
             self._export_model(self.model, self.output_dir / "initial")
         barrier(context)  # the reference may load `initial`, written by rank 0
+        resuming = self.resume_from is not None
+        self.lora = lora.LoraRun(config, self.model, self.output_dir, resuming) if config.lora.rank else None
         self.reference = None
         if config.objective == "dpo":
             self.loss_config = config.preference_loss_config()
@@ -147,6 +153,9 @@ class Trainer:
 
         dpo = self.config.dpo
         bf16 = self.config.train.dtype == "bfloat16"
+        if self.lora is not None and dpo.reference == "model" and dpo.reference_model is None:
+            # the policy's own module with its adapters off: no second model
+            return self.lora.reference(lambda: self.policy)
 
         def build():
             return make_reference(
@@ -160,6 +169,7 @@ class Trainer:
                 device=self.context.device,
                 dtype=torch.bfloat16 if bf16 else torch.float32,
                 progress=self.config.run.progress and self.context.is_main,
+                adapter=None if dpo.reference_model or self.lora is None else self.config.lora.adapter,
             )
 
         if dpo.reference != "cached" or not self.context.is_distributed:
@@ -179,7 +189,9 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------
     def save(self) -> None:
         sharded = self.config.parallel.fsdp and self.context.is_distributed
-        model_state, optimizer_state = ckpt.gather_states(self.wrapped, self.model, self.optimizer, sharded)
+        model_state, optimizer_state = ckpt.gather_states(
+            self.wrapped, self.model, self.optimizer, sharded, trainable_only=self.lora is not None
+        )
         if self.context.is_main:
             ckpt.save_checkpoint(
                 self.output_dir,
@@ -198,6 +210,7 @@ class Trainer:
                     "tokenizer_path": str(self.data.tokenizer_path) if self.data.tokenizer_path else None,
                     "eos_id": self.data.eos_id,
                     "objective": self.config.objective,
+                    **(self.lora.meta() if self.lora else {}),
                 },
                 keep_last=self.config.run.keep_last,
             )
@@ -216,9 +229,16 @@ class Trainer:
                 f"cannot resume from {path}: the model differs from the checkpoint's in {', '.join(changed)} "
                 "(resume with the run's original model settings)"
             )
+        lora.check_resume(self.lora, path, state["meta"])
         sharded = self.config.parallel.fsdp and self.context.is_distributed
         ckpt.restore_states(
-            self.wrapped, self.model, self.optimizer, sharded, state["model_state"], state["optimizer_state"]
+            self.wrapped,
+            self.model,
+            self.optimizer,
+            sharded,
+            state["model_state"],
+            state["optimizer_state"],
+            trainable_only=self.lora is not None,
         )
         trainer_state = state["trainer_state"]
         self.step, self.skipped = int(trainer_state["step"]), int(trainer_state["skipped"])
