@@ -22,8 +22,9 @@ from unitrain.train import train
 from unitrain.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint
 from unitrain.train.dist import init_distributed
 from unitrain.train.metrics import read_metrics
+from unitrain.train.policy import PolicyLogprobs
 from unitrain.train.reference import CACHE_FILE, weights_hash
-from unitrain.train.trainer import PolicyLogprobs, Trainer
+from unitrain.train.trainer import Trainer
 
 from .conftest import tiny_raw
 from .test_trainer import _token_logps

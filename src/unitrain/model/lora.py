@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unitrain.config_sections import LORA_TARGET_MODULES  # the Hugging Face projections an adapter can target
 from unitrain.model.hf import SPLIT_SIZES, hf_names
 from unitrain.model.llama import Transformer
-
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def projections(model: Transformer, module_name: str) -> list[tuple[str, int]]:

@@ -11,7 +11,6 @@ stream knows in advance on every rank (it plans the whole step), so no extra com
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import signal
@@ -20,18 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from unitrain.config import TrainConfig, config_to_yaml
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
 from unitrain.train import lora
-from unitrain.train.compat import check_tokenizer, check_vocab_size
-from unitrain.train.data import TrainingData, describe_rows, load_training_data, write_validation_record
+from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
+from unitrain.train.policy import PolicyLogprobs, load_policy
+from unitrain.train.validation import Validation
 from unitrain.train.wandb_logger import require_wandb
 
 
@@ -47,49 +46,6 @@ class TrainResult:
 
 # token ids written to config.json, not architecture: a run saved before they were filled in still resumes
 SPECIAL_TOKEN_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id"}
-
-
-class PolicyLogprobs(torch.nn.Module):
-    """Transformer + chunked target log-probs as one module, so DDP/FSDP wrap the call that makes the graph."""
-
-    def __init__(self, model: torch.nn.Module, chunk_size: int):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        from unitrain.losses.logprobs import target_logprobs
-
-        hidden = self.model.hidden_states(batch)  # (R, T, D)
-        return target_logprobs(
-            hidden,
-            self.model.lm_head_weight,
-            batch.target_positions,
-            batch.target_tokens,
-            chunk_size=self.chunk_size,
-        ).logps  # (N,)
-
-
-def _load_policy(
-    config: TrainConfig, data: TrainingData, dtype: torch.dtype = torch.float32
-) -> torch.nn.Module:
-    from unitrain.model import ModelConfig, build_model, from_pretrained
-
-    for checkpoint in (config.model.path, config.dpo.reference_model):
-        if checkpoint is not None:
-            allowed = config.data.allow_tokenizer_mismatch
-            check_tokenizer(checkpoint, data.datasets, allowed, "data.allow_tokenizer_mismatch=true")
-    if config.model.path is not None:
-        model = from_pretrained(config.model.path, dtype=dtype)
-    else:
-        torch.manual_seed(config.train.seed)
-        # BOS/EOS of the data's tokenizer go into config.json, so that an export's `generate` stops at EOS
-        special = {"bos_token_id": data.datasets[0].bos_id, "eos_token_id": data.eos_id}
-        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **special}
-        hf.update(config.model.config)
-        model = build_model(ModelConfig.from_hf(hf, source="model.config"))
-    check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
-    return model
 
 
 class Trainer:
@@ -116,7 +72,7 @@ class Trainer:
         if context.is_main:  # what `unitrain score --held-out` reads
             write_validation_record(self.output_dir, self.data, config)
         base_dtype = lora.base_dtype(config, context.device)  # fp32 unless a frozen LoRA base is kept in bf16
-        self.model = _load_policy(config, self.data, base_dtype).to(context.device)
+        self.model = load_policy(config, self.data, base_dtype).to(context.device)
         if self.resume_from is None and config.model.path is None and context.is_main:
             # a random start exists nowhere else; a checkpoint start is already on disk (no multi-GB copy)
             self._export_model(self.model, self.output_dir / "initial")
@@ -128,6 +84,7 @@ class Trainer:
             self.loss_config = config.preference_loss_config()
             self.reference = self._make_reference()
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
+        self.validation = Validation(self)
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
         sharded = config.parallel.fsdp and context.is_distributed
         self.optimizer = build_optimizer(self.model, config.optimizer, sharded=sharded)
@@ -255,7 +212,7 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if sync else self.wrapped.no_sync()
 
-    def _batch_loss(
+    def batch_loss(
         self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), the listwise loss summed over its
@@ -295,7 +252,7 @@ class Trainer:
         last = len(step_batches.micro_batches) - 1
         for index, batch in enumerate(step_batches.micro_batches):
             with self._sync_context(index == last), self.autocast:
-                loss_sum, group_loss, sums = self._batch_loss(self.wrapped, batch, chosen_per_pair)
+                loss_sum, group_loss, sums = self.batch_loss(self.wrapped, batch, chosen_per_pair)
                 # DDP/FSDP average gradients over ranks; the global normalization needs their sum.
                 loss = loss_sum * (self.context.world_size / denominator)
                 if group_loss is not None:  # a listwise loss: averaged over the step's groups
@@ -339,73 +296,9 @@ class Trainer:
         return float(norm)
 
     # -- validation -----------------------------------------------------------------------------------------
-    @functools.cached_property
-    def _validation_plan(self) -> tuple[int, float, int]:
-        """Micro-batches of the whole validation set (the progress bar's total), its chosen-response targets per
-        pair (so the `sft` term of a loss list is normalized as in training, by the global count, not per
-        micro-batch) and its groups (which a listwise loss is averaged over). Read once from the batch metadata:
-        the validation set never changes."""
-        batches = chosen = pairs = groups = 0
-        for _, batch in self.data.validation_batches():
-            batches += 1
-            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)  # (Rb,)
-            chosen += int(wins[batch.target_response[batch.target_response >= 0]].sum())
-            pairs += batch.num_pairs
-            groups += batch.num_groups
-        return batches, chosen / max(pairs, 1), groups
-
-    def _sum_keys(self) -> tuple[str, ...]:
-        """The metric sums of a step or an evaluation, the same on every rank (they are reduced together)."""
-        keys = ("loss", "tokens", "slots", "targets")
-        if self.config.objective == "dpo":
-            from unitrain.losses.preference import GROUP_LOSSES
-            from unitrain.train.preference_step import PAIR_SUMS, RANKING_SUMS
-
-            keys += PAIR_SUMS + (RANKING_SUMS if self.data.groups else ())
-            keys += ("group_loss",) if set(self.loss_config.losses) & set(GROUP_LOSSES) else ()
-        return keys
-
     def evaluate(self) -> dict[str, float]:
-        """Loss (and DPO metrics) over every validation document/pair, reduced over ranks."""
-        if not self.data.validation:
-            return {}
-        # Under FSDP every rank runs every batch (the forward is collective); otherwise ranks split the batches.
-        shard = not self.config.parallel.fsdp
-        module = self.wrapped if self.config.parallel.fsdp else self.policy
-        module.eval()
-        totals: dict[str, float | torch.Tensor] = dict.fromkeys(
-            self._sum_keys(), 0.0
-        )  # same keys on every rank
-        num_batches, chosen_per_pair, groups = self._validation_plan
-        chosen_per_pair = chosen_per_pair if self.config.objective == "dpo" else None
-        shown = self.config.run.progress and self.context.is_main
-        batches = tqdm(
-            self.data.validation_batches(),
-            desc="validation",
-            total=num_batches,
-            unit="batch",
-            leave=False,
-            disable=not shown,
-        )
-        for index, (position, batch) in enumerate(batches):
-            if shard and index % self.context.world_size != self.context.rank:
-                continue
-            with self.autocast:
-                loss_sum, group_loss, sums = self._batch_loss(module, batch, chosen_per_pair, position)
-            if group_loss is not None:
-                sums["group_loss"] = group_loss
-            for key, value in {"loss": loss_sum, **sums}.items():
-                totals[key] = totals[key] + value
-        reduced = reduce_sums(totals, self.context) if shard else {k: float(v) for k, v in totals.items()}
-        if self.config.objective != "dpo":
-            return {"eval/loss": reduced["loss"] / max(reduced["targets"], 1)}
-        loss = reduced["loss"] / max(reduced["pairs"], 1) + reduced.get("group_loss", 0.0) / max(groups, 1)
-        counts = {
-            "eval/pairs": reduced["pairs"]
-        }  # every held-out pair or group: rows fit the longest response
-        if self.data.groups:
-            counts["eval/groups"] = groups
-        return {"eval/loss": loss, **preference_metrics(reduced, "eval/"), **counts}
+        """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks."""
+        return self.validation.evaluate()
 
     # -- the loop -------------------------------------------------------------------------------------------
     @property

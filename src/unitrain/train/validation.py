@@ -1,0 +1,84 @@
+"""Validation: the loss and DPO metrics over every held-out document, pair or group, reduced over ranks.
+
+The validation set never changes during a run, so what normalizes its loss (the chosen-response tokens per pair
+of the `sft` term, the groups of a listwise loss) is counted once from the batch metadata and kept. Trade-off:
+that first pass collates the validation set once more than the evaluations themselves need.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tqdm import tqdm
+
+from unitrain.train.metrics import preference_metrics, reduce_sums
+
+
+class Validation:
+    """`evaluate()` for a Trainer: its data, config, modules, autocast and batch loss."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    @functools.cached_property
+    def plan(self) -> tuple[int, float, int]:
+        """Micro-batches of the whole validation set (the progress bar's total), its chosen-response targets per
+        pair (so the `sft` term of a loss list is normalized as in training, by the global count, not per
+        micro-batch) and its groups (which a listwise loss is averaged over)."""
+        batches = chosen = pairs = groups = 0
+        for _, batch in self.trainer.data.validation_batches():
+            batches += 1
+            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)  # (Rb,)
+            chosen += int(wins[batch.target_response[batch.target_response >= 0]].sum())
+            pairs += batch.num_pairs
+            groups += batch.num_groups
+        return batches, chosen / max(pairs, 1), groups
+
+    def sum_keys(self) -> tuple[str, ...]:
+        """The metric sums of an evaluation, the same on every rank (they are reduced together)."""
+        keys = ("loss", "tokens", "slots", "targets")
+        if self.trainer.config.objective == "dpo":
+            from unitrain.losses.preference import GROUP_LOSSES
+            from unitrain.train.preference_step import PAIR_SUMS, RANKING_SUMS
+
+            keys += PAIR_SUMS + (RANKING_SUMS if self.trainer.data.groups else ())
+            keys += ("group_loss",) if set(self.trainer.loss_config.losses) & set(GROUP_LOSSES) else ()
+        return keys
+
+    def evaluate(self) -> dict[str, float]:
+        trainer = self.trainer
+        config, context, data = trainer.config, trainer.context, trainer.data
+        if not data.validation:
+            return {}
+        # Under FSDP every rank runs every batch (the forward is collective); otherwise ranks split the batches.
+        shard = not config.parallel.fsdp
+        module = trainer.wrapped if config.parallel.fsdp else trainer.policy
+        module.eval()
+        totals: dict[str, float | torch.Tensor] = dict.fromkeys(
+            self.sum_keys(), 0.0
+        )  # same keys on every rank
+        num_batches, chosen_per_pair, groups = self.plan
+        chosen_per_pair = chosen_per_pair if config.objective == "dpo" else None
+        shown = config.run.progress and context.is_main
+        batches = tqdm(
+            data.validation_batches(), desc="validation", total=num_batches, unit="batch", leave=False,
+            disable=not shown,
+        )  # fmt: skip
+        for index, (position, batch) in enumerate(batches):
+            if shard and index % context.world_size != context.rank:
+                continue
+            with trainer.autocast:
+                loss_sum, group_loss, sums = trainer.batch_loss(module, batch, chosen_per_pair, position)
+            if group_loss is not None:
+                sums["group_loss"] = group_loss
+            for key, value in {"loss": loss_sum, **sums}.items():
+                totals[key] = totals[key] + value
+        reduced = reduce_sums(totals, context) if shard else {k: float(v) for k, v in totals.items()}
+        if config.objective != "dpo":
+            return {"eval/loss": reduced["loss"] / max(reduced["targets"], 1)}
+        loss = reduced["loss"] / max(reduced["pairs"], 1) + reduced.get("group_loss", 0.0) / max(groups, 1)
+        counts = {"eval/pairs": reduced["pairs"]}  # every held-out pair or group: rows fit every response
+        if data.groups:
+            counts["eval/groups"] = groups
+        return {"eval/loss": loss, **preference_metrics(reduced, "eval/"), **counts}
