@@ -9,13 +9,14 @@ yields 6 pairs per prompt). The same 6 pairs per prompt are also written out as 
   pairs     the 6 pairs per prompt, `packed` + `share_prompt` (the best layout for pairs)
   separate  the 6 pairs per prompt, `separate` (TRL's layout: every response a row with its own prompt copy)
 
-Each run trains `--steps` steps (the first `--warmup` dropped); pairs/s is the median over the timed steps of
-pairs trained in a step ÷ its wall time, and the runs take turns over `--repeats` repeats. The ideal ratio is the
-token count 6·(P + 2R) / (P + 4R) for mean prompt P and response R. Nothing here is a test: the numbers go to
-docs/BENCHMARKS.md with the command, the machine and the date.
+Each run trains one epoch over the same prompts, so every configuration trains exactly the same pairs (6 per
+prompt); pairs/s is the pairs of every step but the first (warm-up) ÷ their summed step times, and the runs take
+turns over `--repeats` repeats (median, min–max). The ideal ratio is the token count 6·(P + 2R) / (P + 4R) for
+mean prompt P and response R. Nothing here is a test: the numbers go to docs/BENCHMARKS.md with the command,
+the machine and the date.
 
-    python benchmarks/groups.py                        # about 10 minutes on 2 CPU cores
-    python benchmarks/groups.py --steps 4 --repeats 1  # smoke run
+    python benchmarks/groups.py                                  # about 15 minutes on 2 CPU cores
+    python benchmarks/groups.py --prompts 20 --width 128 --repeats 1   # smoke run
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def token_bound(groups: Path) -> tuple[float, float, float]:
     return prompt, response, 6 * (prompt + 2 * response) / (prompt + 4 * response)
 
 
-def run(name: str, data: Path, output: Path, args) -> list[float]:
-    """Train one configuration; the pairs/s of each timed step."""
+def run(name: str, data: Path, output: Path, args) -> float:
+    """Train one configuration for an epoch; its pairs per second over every step but the first."""
     packing = {"mode": "separate" if name == "separate" else "packed", "share_prompt": True}
     packing["sequence_length"] = args.sequence_length
     raw = {
@@ -112,26 +113,25 @@ def run(name: str, data: Path, output: Path, args) -> list[float]:
         "batch": {"micro_batch_size": args.separate_pairs if name == "separate" else 1},
         "dpo": {"beta": 0.1, "loss": "sigmoid", "reference": "model", "group_pairs": "all"},
         "optimizer": {"lr": 1e-5},
-        "train": {"max_steps": args.steps, "seed": 0, "device": "cpu"},
+        "train": {"epochs": 1, "seed": 0, "device": "cpu"},
         "run": {"output_dir": str(output), "progress": False, "tensorboard": False, "save_every": 10**6},
     }
     train(parse_config(raw))
-    rows = [row for row in read_metrics(output / "metrics.jsonl") if "pairs_per_second" in row]
-    return [row["pairs_per_second"] for row in rows[args.warmup :]]
+    rows = [row for row in read_metrics(output / "metrics.jsonl") if "pairs_per_second" in row][1:]
+    pairs = sum(row["pairs_per_second"] * row["step_seconds"] for row in rows)
+    return pairs / sum(row["step_seconds"] for row in rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=400, help="HH-RLHF dialogues made into groups")
+    parser.add_argument("--prompts", type=int, default=120, help="HH-RLHF dialogues made into groups")
     parser.add_argument("--max-length", type=int, default=384, help="prepare --max-length")
     parser.add_argument("--sequence-length", type=int, default=2048)
     parser.add_argument("--separate-pairs", type=int, default=6, help="pairs per step in the separate layout")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
@@ -147,7 +147,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             names = list(data)[repeat % 3 :] + list(data)[: repeat % 3]  # take turns
             for name in names:
-                rates[name] += run(name, data[name], root / f"run-{name}-{repeat}", args)
+                rates[name].append(run(name, data[name], root / f"run-{name}-{repeat}", args))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     result = {
         "prompts": args.prompts,

@@ -77,3 +77,23 @@ def test_export_replaces_an_existing_output_only_with_overwrite(trained_run, tmp
     assert "model-00001-of-00002.safetensors" not in os.listdir(output)
     assert json.loads((output / "config.json").read_text())["eos_token_id"] == 2
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")], "no staging directory left"
+
+
+def test_a_checkpoint_start_keeps_its_own_generation_config(bos_eos_data, tmp_path, tiny_config):
+    """An instruct model's generation_config.json (several EOS ids, sampling defaults) survives training."""
+    import torch
+
+    from unitrain.model import ModelConfig, build_model, save_pretrained
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4)
+    save_pretrained(build_model(config), tmp_path / "start")
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 5], "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "start" / "generation_config.json").write_text(json.dumps(generation))
+    run = tmp_path / "run"
+    start = {"path": str(tmp_path / "start"), "config": None}
+    settings = dict(model=start, data={"validation": None}, train={"max_steps": 2})
+    train(tiny_config("pretrain", bos_eos_data, run, **settings))
+    assert json.loads((run / "hf" / "generation_config.json").read_text()) == generation
+    assert main(["export", str(run), "--output", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == generation

@@ -197,6 +197,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
 
         export_checkpoint(checkpoint, meta, Path(output), merge)
         write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), Path(output))
+        if merge:
+            keep_generation_config(meta.get("model_path"), Path(output))
         return Path(output)
     if merge:
         raise UnitrainError(f"{checkpoint}: holds full weights, not LoRA adapters; export it without --merge")
@@ -210,8 +212,17 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(model, staging)
     write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), staging)
+    keep_generation_config(meta.get("model_path"), staging)
     replace_path(staging, output)
     return output
+
+
+def keep_generation_config(start: str | None, output: Path) -> None:
+    """The starting checkpoint's own generation_config.json (its sampling defaults, and every EOS id of, e.g., an
+    instruct model that stops at several) replaces the one written from config.json's ids."""
+    source = None if start is None else Path(start) / "generation_config.json"
+    if source is not None and source.is_file():
+        shutil.copyfile(source, output / "generation_config.json")
 
 
 def gather_states(

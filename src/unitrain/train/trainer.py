@@ -167,6 +167,7 @@ class Trainer:
                     "tokenizer_path": str(self.data.tokenizer_path) if self.data.tokenizer_path else None,
                     "eos_id": self.data.eos_id,
                     "objective": self.config.objective,
+                    "model_path": self.config.model.path,  # its generation_config.json goes into exports
                     **(self.lora.meta() if self.lora else {}),
                 },
                 keep_last=self.config.run.keep_last,
