@@ -384,3 +384,34 @@ def test_dpo_validation_loss_with_sft_term_does_not_depend_on_micro_batches(
         )  # fmt: skip
         losses.append(train(config).last_metrics["eval/loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["reference-model", "lora-adapters-off"])
+def test_the_reference_runs_before_the_policy_forward(lora, preference_data, tmp_path, tiny_config):
+    """In every micro-batch the reference's forward comes first, so its buffers (a layer's intermediates, a chunk
+    of logits) are freed before the policy's forward keeps its activations for the backward, never on top."""
+    from unitrain.train.dist import init_distributed
+    from unitrain.train.trainer import Trainer
+
+    sections = {"lora": {"rank": 4}} if lora else {}
+    config = tiny_config("dpo", preference_data, tmp_path, train={"max_steps": 2}, **sections)
+    trainer = Trainer(config, init_distributed("cpu"), resume=False)
+    events, inside = [], []
+    real = trainer.reference.response_logps
+
+    def reference(*args):
+        inside.append(True)  # the LoRA reference runs the policy's own module with its adapters off
+        events.append("reference")
+        try:
+            return real(*args)
+        finally:
+            inside.pop()
+
+    def policy(*_):
+        if not inside:
+            events.append("policy with autograd" if torch.is_grad_enabled() else "policy without autograd")
+
+    trainer.reference.response_logps = reference
+    trainer.model.embed.register_forward_pre_hook(policy)
+    trainer.train_step()
+    assert events == ["reference", "policy with autograd"] * config.batch.gradient_accumulation_steps

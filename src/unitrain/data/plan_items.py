@@ -21,7 +21,7 @@ from unitrain.data.ranking import response_wins
 from unitrain.errors import UnitrainError
 
 COUNTS = ("pairs", "targets", "chosen_targets", "groups")
-CHUNK = 1 << 20  # documents per vectorized pass where only a sum is needed
+CHUNK = 1 << 16  # documents per vectorized pass where only a sum is needed (a window: bounded scratch)
 
 
 class Columns:
@@ -202,6 +202,9 @@ def extra_items(columns: Columns, indices: np.ndarray, packing: dict, S: int) ->
         if objective == "pretrain":
             extra += int(np.maximum(-(-lengths // S) - 1, 0).sum())
         elif objective == "dpo" and packing["mode"] != "separate":
+            if packing["share_prompt"]:  # a group's cost is its length: only the longer ones can split
+                docs = docs[lengths > S]
+                lengths = columns.lengths(docs)
             offsets, response_lengths, _, prompt, cost, _ = _preference_costs(
                 columns, docs, lengths, packing["mode"], packing["share_prompt"]
             )

@@ -221,15 +221,17 @@ class Trainer:
         without waiting for the device."""
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
         batch = batch.to(self.context.device)
-        logps = module(batch)  # (N,)
         if self.config.objective != "dpo":
             from unitrain.losses.lm import lm_loss_sum
 
-            loss_sum, _ = lm_loss_sum(logps.float())
+            loss_sum, _ = lm_loss_sum(module(batch).float())
             return loss_sum, None, sums
         from unitrain.train.preference_step import preference_loss_sums
 
+        # The reference first: its forward's buffers (a layer's intermediates, a chunk of logits) are freed before
+        # the policy's forward keeps its activations for the backward, instead of adding to that peak.
         reference = self.reference.response_logps(batch, position)  # (Rb,), or None when reference-free
+        logps = module(batch)  # (N,)
         loss_sum, group_loss, preference_sums = preference_loss_sums(
             logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups
         )
