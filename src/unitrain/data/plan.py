@@ -1,12 +1,13 @@
 """Epoch plans as a few flat arrays: which items share a row, the rows' order, and each row's counts.
 
-A plan is `item_document` (M,) int64 (a document id, offset by the sizes of the sources before its own),
+A plan is `item_document` (M,) int32, int64 past 2³¹ documents (a document id, offset by the sizes of the sources
+before its own),
 `item_part` (M,) int32 or None (piece k of a pretraining document = tokens [k·S, min((k+1)·S, L)); part p ≥ 1
 of a preference group split over a wide row; None when every item is whole), and per row `row_start` (R,) int64
 into the items, `row_items` (R,) int32 and `row_counts` (R, 4) int32 (`plan_items.COUNTS`: pairs, targets,
 chosen-response targets, groups: a step's global counts are a sum over a slice, known on every rank without
 communication). No Python object per document or row: 10⁸ documents cost
-~14 bytes each (the plan file of a pretraining epoch), and a step reads a slice.
+~10 bytes each (the plan file of a pretraining epoch), and a step reads a slice.
 
 Packing is exact best-fit decreasing (`plan_kernel.pack_window`) inside windows of `window` consecutive
 documents of the shuffled order; rows never span two windows. The trade-off: the only slots lost to windowing are
@@ -37,7 +38,7 @@ CHUNK = 1 << 20  # documents per vectorized pass where only a sum is needed
 class PackingPlan:
     """Rows planned for one pass or one epoch, in their final order (see the module docstring)."""
 
-    item_document: np.ndarray  # (M,) int64
+    item_document: np.ndarray  # (M,) int32 (int64 when the ids reach 2³¹)
     item_part: np.ndarray | None  # (M,) int32, or None: every item is a whole document (part 0)
     row_start: np.ndarray  # (R,) int64 first item of each row in `item_document`
     row_items: np.ndarray  # (R,) int32 items in each row
@@ -160,7 +161,8 @@ def build_plan(
         extra = repeats * extra_items(columns[-1], np.asarray(indices, np.int64), packing, S)
         regions.append((total, wanted + extra, wanted))
         total += wanted + extra
-    items = np.empty(total, np.int64)
+    ids = max((offset + len(dataset) for dataset, _, _, offset in sources), default=0)
+    items = np.empty(total, np.int32 if ids < 1 << 31 else np.int64)  # drawn ids, then the planned items
     any_parts = any(size > wanted for _, size, wanted in regions)
     parts = np.empty(total, np.int32) if any_parts else None
     for (_, indices, wanted, _), (base, size, _) in zip(sources, regions):
@@ -205,9 +207,8 @@ def build_plan(
     starts = np.cumsum(sizes, dtype=np.int64)
     starts -= sizes
     if rng is not None:
-        order = rng.permutation(len(sizes))
-        if len(sizes) < 1 << 31:
-            order = order.astype(np.int32)
+        order = np.arange(len(sizes), dtype=np.int32 if len(sizes) < 1 << 31 else np.int64)
+        rng.shuffle(order)  # `rng.permutation(len(sizes))`, without its int64 copy
         sizes = sizes[order]
         for c in range(len(COUNTS)):
             counts[:, c] = counts[order, c]
