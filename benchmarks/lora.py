@@ -3,6 +3,7 @@
     python benchmarks/lora.py                    # CPU, fp32: a ~500M-parameter random Llama, 2 repeats
     python benchmarks/lora.py --quick            # smoke run: tiny model, one repeat
     python benchmarks/lora.py --device cuda      # GPU, bf16 (the LoRA base is then stored in bf16)
+    python benchmarks/lora.py --activation-checkpointing   # both recompute their layers in the backward
 
 Both configurations run unitrain's own trainer (`Trainer(config)`, then `train_step()` calls: the code a run
 executes, without the final checkpoint and export) on the same random Llama checkpoint written by `transformers`,
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--sequence-length", type=int, default=512, help="slots of the one row per step")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="both configurations recompute their layers"
+    )
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
@@ -82,6 +86,7 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
             "max_steps": spec["warmup_steps"] + spec["timed_steps"],
             "device": spec["device"],
             "dtype": spec["dtype"],
+            "activation_checkpointing": spec.get("activation_checkpointing", False),
         },
         "run": {"output_dir": tempfile.mkdtemp(dir=spec["workdir"]), "progress": False, "tensorboard": False},
         "lora": {"rank": spec["rank"], "alpha": 2.0 * spec["rank"]} if variant == "lora" else {},
@@ -197,6 +202,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "device": args.device,
         "dtype": "bfloat16" if gpu else "float32",
+        "activation_checkpointing": args.activation_checkpointing,
     }
     (workdir / "spec.json").write_text(json.dumps(spec, indent=1))
     return spec
@@ -296,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         write_json(args.output, report)
     print(table)
-    print(f"model {spec['shape']}, {args.sequence_length}-slot rows, {args.timed_steps} timed steps after "
+    recompute = ", activation checkpointing" if args.activation_checkpointing else ""
+    print(f"model {spec['shape']}, {args.sequence_length}-slot rows{recompute}, {args.timed_steps} timed steps after "
           f"{args.warmup_steps} warm-up, {args.repeats} repeats, {args.threads} threads; "
           f"load average at the end {os.getloadavg()[0]:.2f}; {report['seconds']:.0f} s")  # fmt: skip
     return 0

@@ -187,6 +187,11 @@ class TrainSection(Section):
         5, gt=0, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
     logprob_chunk_size: int = Field(1024, gt=0, description="Targets per chunk of the LM-head log-prob pass.")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Keep only each decoder layer's input and recompute the layer in the backward: far less "
+        "activation memory for about one more forward pass of compute.",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:

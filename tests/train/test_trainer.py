@@ -415,3 +415,26 @@ def test_the_reference_runs_before_the_policy_forward(lora, preference_data, tmp
     trainer.model.embed.register_forward_pre_hook(policy)
     trainer.train_step()
     assert events == ["reference", "policy with autograd"] * config.batch.gradient_accumulation_steps
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_trains_the_same_steps(
+    lora, preference_data, tmp_path, tiny_config, monkeypatch
+):
+    """`train.activation_checkpointing` recomputes every decoder layer in the backward (counted) and gives the
+    step losses and final weights of the run that keeps the activations."""
+    import unitrain.model.llama as llama
+
+    calls = []
+    real = llama.checkpoint
+    monkeypatch.setattr(llama, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    sections = {"lora": {"rank": 4}} if lora else {}
+    for on in (False, True):
+        train_section = {"max_steps": 3, "activation_checkpointing": on}
+        train(tiny_config("dpo", preference_data, tmp_path / str(on), train=train_section, **sections))
+    micro_batches, layers = 3 * 2, 2
+    assert len(calls) == micro_batches * layers  # training forwards only: not the reference, not validation
+    np.testing.assert_allclose(step_losses(tmp_path / "True"), step_losses(tmp_path / "False"), rtol=1e-6)
+    kept, recomputed = final_weights(tmp_path / "False"), final_weights(tmp_path / "True")
+    for name, tensor in kept.items():
+        torch.testing.assert_close(recomputed[name], tensor, rtol=1e-5, atol=1e-6)

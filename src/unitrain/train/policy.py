@@ -53,4 +53,5 @@ def load_policy(
         hf.update(config.model.config)
         model = build_model(ModelConfig.from_hf(hf, source="model.config"))
     check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
+    model.gradient_checkpointing = config.train.activation_checkpointing  # training forwards only
     return model
