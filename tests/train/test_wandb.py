@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 
 import pytest
 
@@ -34,6 +35,8 @@ def wandb_records(path):
             position += BLOCK - position % BLOCK
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if position + 7 + length > len(data):  # a chunk still being written
+            return
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -43,10 +46,21 @@ def wandb_records(path):
             yield record
 
 
-def offline_runs(output_dir) -> list[list]:
-    """The records of each offline run under `output_dir/wandb`, oldest first."""
+def offline_runs(output_dir, timeout: float = 60.0) -> list[list]:
+    """The records of each offline run under `output_dir/wandb`, oldest first. W&B's service process may still
+    be flushing a run's file when `finish()` has returned (seen on a loaded machine: the file held no record
+    yet), so each file is read until it ends with the run's exit record."""
     files = sorted((output_dir / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    return [list(wandb_records(path)) for path in files]
+    runs, deadline = [], time.monotonic() + timeout
+    for path in files:
+        records = list(wandb_records(path))
+        while (
+            not (records and records[-1].WhichOneof("record_type") == "exit") and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+            records = list(wandb_records(path))
+        runs.append(records)
+    return runs
 
 
 def history(records) -> list[dict]:
