@@ -1,12 +1,11 @@
 """Epoch plans as a few flat arrays: which items share a row, the rows' order, and each row's counts.
 
-A plan is `item_document` (M,) int32, int64 past 2³¹ documents (a document id, offset by the sizes of the sources
-before its own),
-`item_part` (M,) int32 or None (piece k of a pretraining document = tokens [k·S, min((k+1)·S, L)); part p ≥ 1
-of a preference group split over a wide row; None when every item is whole), and per row `row_start` (R,) int64
-into the items, `row_items` (R,) int32 and `row_counts` (R, 4) int32 (`plan_items.COUNTS`: pairs, targets,
-chosen-response targets, groups: a step's global counts are a sum over a slice, known on every rank without
-communication). No Python object per document or row: 10⁸ documents cost
+A plan is `item_document` (M,) int32, int64 past 2³¹ documents (a document id, offset by the sizes of the
+sources before its own), `item_part` (M,) int32 or None (piece k of a pretraining document = tokens
+[k·S, min((k+1)·S, L)); part p ≥ 1 of a preference group split over a wide row; None when every item is whole),
+and per row `row_start` (R,) int64 into the items, `row_items` (R,) int32 and `row_counts` (R, 4) int32
+(`plan_items.COUNTS`: pairs, targets, chosen-response targets, groups: a step's global counts are a sum over a
+slice, known on every rank without communication). No Python object per document or row: 10⁸ documents cost
 ~10 bytes each (the plan file of a pretraining epoch), and a step reads a slice.
 
 Packing is exact best-fit decreasing (`plan_kernel.pack_window`) inside windows of `window` consecutive

@@ -203,8 +203,8 @@ def extra_items(columns: Columns, indices: np.ndarray, packing: dict, S: int) ->
             extra += int(np.maximum(-(-lengths // S) - 1, 0).sum())
         elif objective == "dpo" and packing["mode"] != "separate":
             if packing["share_prompt"]:  # a group's cost is its length: only the longer ones can split
-                docs = docs[lengths > S]
-                lengths = columns.lengths(docs)
+                longer = lengths > S
+                docs, lengths = docs[longer], lengths[longer]
             offsets, response_lengths, _, prompt, cost, _ = _preference_costs(
                 columns, docs, lengths, packing["mode"], packing["share_prompt"]
             )
