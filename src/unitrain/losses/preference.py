@@ -32,9 +32,8 @@ LOSSES = (
     "sft",
     "plackett_luce",
 )
-GROUP_LOSSES = (
-    "plackett_luce",
-)  # listwise: one value per group, averaged over the groups of the global batch
+# listwise: one value per group, averaged over the groups of the global batch
+GROUP_LOSSES = ("plackett_luce",)
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")  # the losses that read label_smoothing
 
 

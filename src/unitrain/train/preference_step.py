@@ -34,7 +34,8 @@ def preference_loss_sums(
     chosen_per_pair: float | None,
     ranking: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(sum of per-pair losses, sum of per-group listwise losses or None, metric sums).
+    """(sum of per-pair losses, sum of per-group listwise losses or None, metric sums: with a listwise loss,
+    its detached sum as `group_loss`).
 
     logps (N,) the policy's target log-probs; reference (Rb,) the reference's response log-probs or None."""
     policy, counts = response_logps(logps, batch.target_response, batch.num_responses)  # (Rb,) each
@@ -65,6 +66,7 @@ def preference_loss_sums(
                     rewards, batch.response_group, batch.response_score, batch.num_groups
                 ).sum()
             )
+            sums["group_loss"] = group_loss.detach()
         if ranking:
             ordered, correct, top1 = ranking_counts(
                 rewards.detach(), batch.response_group, batch.response_score, batch.num_groups

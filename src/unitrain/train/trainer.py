@@ -260,7 +260,6 @@ class Trainer:
                 loss = loss_sum * (self.context.world_size / denominator)
                 if group_loss is not None:  # a listwise loss: averaged over the step's groups
                     loss = loss + group_loss * (self.context.world_size / max(step_batches.global_groups, 1))
-                    sums["group_loss"] = group_loss.detach()
             loss.backward()
             totals["loss"] = totals["loss"] + loss_sum.detach()
             for key, value in sums.items():

@@ -55,9 +55,8 @@ class Validation:
         shard = not config.parallel.fsdp
         module = trainer.wrapped if config.parallel.fsdp else trainer.policy
         module.eval()
-        totals: dict[str, float | torch.Tensor] = dict.fromkeys(
-            self.sum_keys(), 0.0
-        )  # same keys on every rank
+        # the same keys on every rank
+        totals: dict[str, float | torch.Tensor] = dict.fromkeys(self.sum_keys(), 0.0)
         num_batches, chosen_per_pair, groups = self.plan
         chosen_per_pair = chosen_per_pair if config.objective == "dpo" else None
         shown = config.run.progress and context.is_main
@@ -69,9 +68,7 @@ class Validation:
             if shard and index % context.world_size != context.rank:
                 continue
             with trainer.autocast:
-                loss_sum, group_loss, sums = trainer.batch_loss(module, batch, chosen_per_pair, position)
-            if group_loss is not None:
-                sums["group_loss"] = group_loss
+                loss_sum, _, sums = trainer.batch_loss(module, batch, chosen_per_pair, position)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
         reduced = reduce_sums(totals, context) if shard else {k: float(v) for k, v in totals.items()}
