@@ -201,10 +201,12 @@ def test_adapter_directory_loads_in_peft_and_back(random_hf_model, tmp_path):
         ({"peft_type": "IA3"}, "only LORA adapters"),
         ({"target_modules": ["q_proj", "lm_head"]}, "target module 'lm_head' is not supported"),
         ({"r": 0}, "r must be a positive number"),
+        (["LORA"], "expected a JSON object, found list"),
     ],
 )
 def test_unsupported_adapter_configs_are_one_line_errors(tmp_path, changes, message):
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **changes}
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    config = changes if isinstance(changes, list) else {**config, **changes}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UnitrainError, match=message) as error:

@@ -48,12 +48,14 @@ def test_a_random_start_exports_the_dataset_bos_and_eos(trained_run, tmp_path, e
     assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
 
 
-def test_every_file_of_a_run_follows_the_umask(preference_data, tmp_path, tiny_config):
+@pytest.mark.parametrize("lora", [{}, {"rank": 4}], ids=["full", "lora"])
+def test_every_file_of_a_run_follows_the_umask(lora, preference_data, tmp_path, tiny_config):
     previous = os.umask(0o027)
     try:
         config = tiny_config(
-            "dpo", preference_data, tmp_path / "run", dpo={"reference": "cached"}, run={"save_every": 1}
-        )
+            "dpo", preference_data, tmp_path / "run", dpo={"reference": "cached"}, run={"save_every": 1},
+            lora=lora,
+        )  # fmt: skip
         train(config)
         assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "exported")]) == 0
     finally:
@@ -61,6 +63,7 @@ def test_every_file_of_a_run_follows_the_umask(preference_data, tmp_path, tiny_c
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     names = {path.name for path in files}
     assert {"model.safetensors", "reference_logps.safetensors", "generation_config.json"} <= names
+    assert not lora or "adapter_model.safetensors" in names
     modes = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
     assert modes == dict.fromkeys(modes, oct(0o640))
 

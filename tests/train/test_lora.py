@@ -4,6 +4,7 @@ adapters only), the adapter-off reference is the base, DPO metrics equal `peft`'
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -226,6 +227,15 @@ def test_resume_refusals_are_one_line(pretrain_data, tmp_path, tiny_config):
     for sections, message in cases:
         with pytest.raises(UnitrainError, match=message):
             train(config(**sections), resume=True)
+    adapters = latest_checkpoint(tmp_path) / "model.safetensors"
+    kept = load_file(adapters)
+    save_file(dict(list(kept.items())[1:]), adapters, metadata={"format": "pt"})  # one adapter short
+    with pytest.raises(UnitrainError, match=f"its model state lacks {list(kept)[0]}"):
+        train(config(lora=LORA), resume=True)
+    save_file({**kept, "layers.0.extra": kept[next(iter(kept))].clone()}, adapters, metadata={"format": "pt"})
+    with pytest.raises(UnitrainError, match="its model state holds layers.0.extra"):
+        train(config(lora=LORA), resume=True)
+    save_file(kept, adapters, metadata={"format": "pt"})
     weights = tmp_path / "initial" / "model.safetensors"
     tensors = load_file(weights)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
@@ -269,29 +279,46 @@ def test_adapter_start_refusals(pretrain_data, tmp_path, tiny_config):
 
 
 def test_export_merge_and_score_of_an_adapter(preference_data, tmp_path, tiny_config, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from unitrain.cli import main
 
     train(tiny_config("dpo", preference_data, tmp_path / "run", lora=LORA, train={"max_steps": 3}))
     assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "merged"), "--merge"]) == 0
     run, scores = tmp_path / "run", {}
+    shutil.copytree(run / "initial", tmp_path / "moved-base")  # the same weights elsewhere: --base is read
     models = {
         "adapter": ["--model", str(run / "hf")],
         "merged": ["--model", str(tmp_path / "merged")],
-        "base": ["--model", str(run / "hf"), "--base", str(run / "initial")],
+        "base": ["--model", str(run / "hf"), "--base", str(tmp_path / "moved-base")],
     }
     for name, model in models.items():
         output = tmp_path / f"{name}.jsonl"
         assert main(["score", *model, "--data", str(preference_data), "--output", str(output)]) == 0
         scores[name] = [json.loads(line) for line in output.read_text().splitlines()]
+    # independent: `peft` on `transformers`' own model, one prompt + response at a time
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "initial"), run / "hf")
+    dataset = GPTMemmapDataset(preference_data)
+    expected = {"chosen_logp": [], "rejected_logp": []}
+    for index in range(len(scores["adapter"])):
+        sample = dataset[index]
+        for key, response in (("chosen_logp", sample.chosen_ids), ("rejected_logp", sample.rejected_ids)):
+            tokens = np.concatenate([sample.prompt_ids, response])
+            logps = _token_logps(peft_model.eval(), tokens)[len(sample.prompt_ids) - 1 :]
+            expected[key].append(float(logps.sum()))
     for key in ("chosen_logp", "rejected_logp"):
-        for other in ("merged", "base"):
-            np.testing.assert_allclose(
-                [r[key] for r in scores[other]], [r[key] for r in scores["adapter"]], rtol=1e-6
-            )
+        for name in models:
+            np.testing.assert_allclose([r[key] for r in scores[name]], expected[key], rtol=1e-5, atol=1e-5)
     full = tmp_path / "full"
     train(tiny_config("dpo", preference_data, full, train={"max_steps": 2}))
     with pytest.raises(UnitrainError, match="holds full weights, not LoRA adapters"):
         export_hf(latest_checkpoint(full), tmp_path / "y", merge=True)
+    # an adapter export over a full one replaces it whole: no weights or config.json of the old one stay beside it
+    assert main(["export", str(full), "--output", str(tmp_path / "out")]) == 0
+    assert main(["export", str(run), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert not {"model.safetensors", "config.json"} & set(os.listdir(tmp_path / "out"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "out"))
     score = ["score", "--data", str(preference_data), "--output", str(tmp_path / "z.jsonl")]
     assert main([*score, "--model", str(full / "hf"), "--base", str(full / "hf")]) == 2
     other = tmp_path / "other-base"

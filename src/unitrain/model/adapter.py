@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unitrain.errors import UnitrainError
+from unitrain.files import follow_umask
 from unitrain.model.hf import from_pretrained, hf_names
 from unitrain.model.llama import Transformer
 from unitrain.model.lora import (
@@ -95,7 +96,12 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {peft_name(name): tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
     metadata = {"format": "pt", **({BASE_HASH_KEY: base_hash} if base_hash else {})}
-    _write_atomically(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, path, metadata=metadata))
+
+    def write_weights(path: Path) -> None:
+        save_file(tensors, path, metadata=metadata)
+        follow_umask(path)  # safetensors writes 0600
+
+    _write_atomically(directory / ADAPTER_WEIGHTS, write_weights)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -130,7 +136,9 @@ def read_adapter_config(directory: str | Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise UnitrainError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if not isinstance(config, dict):
+        raise UnitrainError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
         raise UnitrainError(
             f"{path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported"
         )

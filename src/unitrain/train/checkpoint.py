@@ -185,36 +185,44 @@ def write_tokenizer_files(tokenizer_path: str | Path | None, eos_id: int | None,
 def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
     """Write a Hugging Face checkpoint (safetensors weights, config.json, tokenizer files) from a checkpoint.
 
-    A LoRA checkpoint gives a PEFT adapter directory, or with `merge` its base with the adapters merged in."""
-    from unitrain.model import ModelConfig, build_model, save_pretrained
-
-    checkpoint = Path(checkpoint)
+    A LoRA checkpoint gives a PEFT adapter directory, or with `merge` its base with the adapters merged in. The
+    export is written beside `output` and moved into place whole: never a half-written directory, and nothing left
+    over from what `output` held before."""
+    checkpoint, output = Path(checkpoint), Path(output)
     if not (checkpoint / "meta.json").is_file():
         raise UnitrainError(f"{checkpoint}: not a complete checkpoint (no meta.json)")
     meta = json.loads((checkpoint / "meta.json").read_text())
-    if meta.get("lora"):
-        from unitrain.train.lora import export_checkpoint
-
-        export_checkpoint(checkpoint, meta, Path(output), merge)
-        write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), Path(output))
-        if merge:
-            keep_generation_config(meta.get("model_path"), Path(output))
-        return Path(output)
-    if merge:
+    lora = meta.get("lora")
+    if merge and not lora:
         raise UnitrainError(f"{checkpoint}: holds full weights, not LoRA adapters; export it without --merge")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if lora:
+            from unitrain.train.lora import export_checkpoint
+
+            export_checkpoint(checkpoint, meta, staging, merge)
+        else:
+            _export_full(checkpoint, staging)
+        write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), staging)
+        if merge or not lora:  # full weights: the starting checkpoint's generation defaults
+            keep_generation_config(meta.get("model_path"), staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_path(staging, output)
+    return output
+
+
+def _export_full(checkpoint: Path, directory: Path) -> None:
+    from unitrain.model import ModelConfig, build_model, save_pretrained
+
     model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
     with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
         model = build_model(model_config)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")  # never a half-written export in place
-    shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(model, staging)
-    write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), staging)
-    keep_generation_config(meta.get("model_path"), staging)
-    replace_path(staging, output)
-    return output
+    save_pretrained(model, directory)
 
 
 def keep_generation_config(start: str | None, output: Path) -> None:
@@ -252,19 +260,41 @@ def restore_states(
     model_state: dict,
     optimizer_state: dict,
     trainable_only: bool = False,
+    source: str | Path = "checkpoint",
 ) -> None:
-    """Inverse of `gather_states`: load full state dicts into a (possibly sharded) model and its optimizer."""
+    """Inverse of `gather_states`: load full state dicts into a (possibly sharded) model and its optimizer.
+    `trainable_only`: the state holds exactly the trainable parameters (the frozen ones are not in it)."""
     if not sharded:
-        model.load_state_dict(model_state, strict=not trainable_only)
+        keys = model.load_state_dict(model_state, strict=not trainable_only)
+        _check_trainable_keys(model, keys.missing_keys, keys.unexpected_keys, trainable_only, source)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     prefixed = {f"model.{name}": tensor for name, tensor in model_state.items()}
-    set_state_dict(
+    keys = set_state_dict(
         wrapped,
         optimizer,
         model_state_dict=prefixed,
         optim_state_dict=optimizer_state,
         options=StateDictOptions(full_state_dict=True, strict=not trainable_only),
     )
+    strip = lambda names: [name.removeprefix("model.") for name in names]  # noqa: E731
+    _check_trainable_keys(
+        model, strip(keys.missing_keys), strip(keys.unexpected_keys), trainable_only, source
+    )
+
+
+def _check_trainable_keys(model: torch.nn.Module, missing, unexpected, trainable_only: bool, source) -> None:
+    """A state of the trainable parameters only must still hold every one of them, and nothing else."""
+    if not trainable_only:
+        return
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    missing = sorted(set(missing) & trainable)
+    if missing or unexpected:
+        problem = (
+            f"lacks {', '.join(missing[:3])}" if missing else f"holds {', '.join(sorted(unexpected)[:3])}"
+        )
+        raise UnitrainError(
+            f"cannot resume from {source}: its model state {problem} (this run trains other parameters)"
+        )

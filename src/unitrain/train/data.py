@@ -1,9 +1,10 @@
 """The training run's data: datasets opened and checked against the objective, validation held out, the stream.
 
-Each rank builds the same seeded stream and reads its own share of every step (`BatchStream`); the epoch plans are
-shared through `run.output_dir/plans/` (built by the first rank of a machine, memory-mapped by the others and by a
-resumed run); validation is a separate dataset or a seeded fraction held out from each training dataset. Trade-off: a run given `epochs`
-plans one epoch up front to turn it into a step count, so the schedule and the ETA are exact from step one.
+Each rank builds the same seeded stream and reads its own share of every step (`BatchStream`); the epoch plans
+are shared through `run.output_dir/plans/` (built by the first rank of a machine, memory-mapped by the others and
+by a resumed run); validation is a separate dataset or a seeded fraction held out from each training dataset.
+Trade-off: a run given `epochs` plans one epoch up front to turn it into a step count, so the schedule and the
+ETA are exact from step one.
 """
 
 from __future__ import annotations

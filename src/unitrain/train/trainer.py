@@ -197,6 +197,7 @@ class Trainer:
             state["model_state"],
             state["optimizer_state"],
             trainable_only=self.lora is not None,
+            source=path,
         )
         trainer_state = state["trainer_state"]
         self.step, self.skipped = int(trainer_state["step"]), int(trainer_state["skipped"])
