@@ -8,6 +8,7 @@ import pytest
 
 from unitrain.data.memmap import GPTMemmapDataset
 from unitrain.data.packing import sft_targets
+from unitrain.data.sample import GPTSample
 from unitrain.data.writer import DatasetWriter, write_dataset
 
 from .test_memmap import random_samples
@@ -104,3 +105,12 @@ def test_columns_equal_counts_sample_by_sample(tmp_path):
     pairs = random_samples("preference", 30, 300, seed=3)
     dataset = GPTMemmapDataset(write_dataset(tmp_path / "pairs", pairs, "preference", vocab_size=300))
     assert dataset.preference_spans.tolist() == [[s.chosen_span[0], s.rejected_span[0]] for s in pairs]
+
+
+def test_a_group_after_a_batch_of_pairs_is_refused(tmp_path):
+    group = GPTSample(np.arange(6), response_spans=np.array([[2, 4], [4, 6]]), scores=np.array([1.0, 0.5]))
+    with DatasetWriter(tmp_path / "mixed", "preference", vocab_size=10, eos_id=0) as writer:
+        writer.add_batch(np.arange(7), [3, 4], preference_spans=[[1, 2], [1, 3]])
+        with pytest.raises(ValueError, match="started with pairs"):
+            writer.add(group)
+    assert len(GPTMemmapDataset(tmp_path / "mixed")) == 2

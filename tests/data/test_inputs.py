@@ -137,3 +137,12 @@ print(batches, "datasets" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("]")[-1].strip() == "False"
     assert json.loads(out.split("]")[0] + "]")[:4] == [4, 4, 4, 3]
+
+
+def test_json_array_elements_that_are_not_objects_are_reported_as_such(tmp_path, gpt2_tokenizer_path):
+    source = tmp_path / "rows.json"
+    source.write_text(json.dumps([{"text": "fine"}, 5, [1, 2], {"text": "also fine"}]))
+    _, report = run(tmp_path, str(source), "out", gpt2_tokenizer_path)
+    assert report["documents"] == 2 and report["dropped"] == {"unparsable_line": 2}
+    messages = [example["message"] for example in report["dropped_examples"]["unparsable_line"]]
+    assert messages == ["a JSON int, not an object", "a JSON list, not an object"]

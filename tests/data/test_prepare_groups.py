@@ -172,3 +172,14 @@ def test_inspect_shows_every_response_with_its_score(run_prepare, capsys):
     assert main(["inspect", str(output), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["responses"][1] == ANSWERS[1] + EOS and record["scores"] == SCORES
+
+
+def test_a_dropped_group_adds_nothing_to_the_counters_of_kept_groups(run_prepare):
+    good = {"prompt": "p", "responses": [" a", " b"], "scores": [1, 2]}
+    long = " a long answer"  # truncated by max_length, which the good rows fit
+    dropped = {"prompt": "p", "responses": [long, long, None, long], "scores": [1, 2, 3, 4]}
+    output, report = run_prepare([good, dropped, good], mode="groups", max_length=3)
+    assert report["documents"] == 2 and report["dropped"] == {"too_few_responses": 1}
+    assert report["duplicate_responses"] == 0 and report["skipped_responses"] == 0
+    assert report["truncated_groups"] == 0
+    assert "duplicate responses" not in summary(report, str(output))

@@ -153,7 +153,9 @@ def _read_json(unit: Unit, split: str) -> Iterator[tuple[int, bytes | dict]]:
                     rows = json.loads(first + handle.read())
                 except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise UnitrainError(f"{path}: not valid JSON ({error})") from None
-                yield from enumerate(row if isinstance(row, dict) else b"" for row in rows)
+                yield from enumerate(
+                    row if isinstance(row, dict) else json.dumps(row).encode() for row in rows
+                )
                 return
             handle.seek(0)
             for index, line in enumerate(handle):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PAIR_SCORES = np.array([1.0, 0.0], dtype=np.float32)  # a pair as a group: chosen scores 1, rejected 0
+PAIR_SCORES.flags.writeable = False  # shared by every pair: no caller may change it
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -153,13 +153,9 @@ class Counters:
             self.ignored_span_rows.append(row)
 
     def merge(self, other: Counters) -> None:
-        self.truncated_pairs += other.truncated_pairs
-        self.split_documents += other.split_documents
-        self.extra_pieces += other.extra_pieces
-        self.truncated_groups += other.truncated_groups
-        self.duplicate_responses += other.duplicate_responses
-        self.skipped_responses += other.skipped_responses
-        self.ignored_spans += other.ignored_spans
+        for counter in fields(self):
+            if counter.type in (int, "int"):
+                setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
         self.ignored_span_rows = (self.ignored_span_rows + other.ignored_span_rows)[:FIRST_ROWS_KEPT]
 
 
@@ -175,12 +171,11 @@ def to_samples(
         cursor += len(document.segments)
         if document.ignored_spans:
             counters.ignore_spans(document.row)
-        counters.skipped_responses += document.skipped_responses
         try:
             if document.scores is not None:
-                results.append(
-                    (document.row, _group(pieces, document.scores, tokenizer, max_length, counters))
-                )
+                sample = _group(pieces, document.scores, tokenizer, max_length, counters)
+                counters.skipped_responses += document.skipped_responses  # only for a row that is kept
+                results.append((document.row, sample))
             elif kind == "preference":
                 results.append((document.row, _preference(pieces, tokenizer, max_length, counters)))
             else:
@@ -241,22 +236,23 @@ def _group(
     pieces: list[list[int]], scores: list[float], tokenizer: TextTokenizer, max_length, counters: Counters
 ) -> GPTSample:
     """prompt + N responses → a group sample; responses without tokens are skipped, duplicates (as tokens, after
-    truncation) keep their first occurrence, and a group needs ≥ 2 responses and two different scores."""
+    truncation) keep their first occurrence, and a group needs ≥ 2 responses and two different scores. The
+    counters count only a row that is kept."""
     prompt = _prompt_ids(pieces[0], tokenizer)
     responses = [(_with_eos(ids, tokenizer.eos_id), score) for ids, score in zip(pieces[1:], scores) if ids]
-    counters.skipped_responses += len(scores) - len(responses)
     room = _room(prompt, max((len(ids) for ids, _ in responses), default=0), max_length)
     if room is not None:
         responses = [(ids[:room], score) for ids, score in responses]
-        counters.truncated_groups += 1
     unique: dict[tuple[int, ...], float] = {}
     for ids, score in responses:
         unique.setdefault(tuple(ids), score)
-    counters.duplicate_responses += len(responses) - len(unique)
     if len(unique) < 2:
         raise RowError("too_few_responses", "responses", f"{len(unique)} distinct responses with tokens")
     if len(set(unique.values())) < 2:
         raise RowError("equal_scores", "scores", "every response has the same score: no preference to learn")
+    counters.skipped_responses += len(scores) - len(responses)
+    counters.truncated_groups += int(room is not None)
+    counters.duplicate_responses += len(responses) - len(unique)
     lengths = [len(prompt)] + [len(ids) for ids in unique]
     bounds = np.cumsum(lengths)  # (N + 1,) prompt end, then each response's end
     return GPTSample(

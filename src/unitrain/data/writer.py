@@ -38,6 +38,7 @@ from unitrain.data.format import (
 )
 from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
+from unitrain.files import replace_path
 
 
 class _ShardWriter:
@@ -199,7 +200,6 @@ class DatasetWriter:
         self.eos_id = eos_id
         self.bos_id = bos_id
         self.max_shard_tokens = max_shard_tokens
-        self.overwrite = overwrite
         self.dtype_code = token_dtype_code(self.vocab_size)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(self.output)
@@ -269,6 +269,8 @@ class DatasetWriter:
         span_counts, spans, preference = check_batch(
             self, tokens, lengths, loss_span_counts, loss_spans, preference_spans
         )
+        if self.kind == "preference":
+            self.groups = False  # pairs: a later group is refused by `add`
         ends = np.cumsum(lengths)  # (n,)
         span_ends = None if span_counts is None else np.cumsum(span_counts)
         first = 0
@@ -334,9 +336,7 @@ class DatasetWriter:
             **(metadata_extra or {}),
         }
         (self.temp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        if self.output.exists():
-            shutil.rmtree(self.output)
-        os.replace(self.temp, self.output)
+        replace_path(self.temp, self.output)
         return self.output
 
     def abort(self) -> None:
