@@ -126,12 +126,11 @@ class LoraLinear(nn.Linear):
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight (O, in) with the active adapters folded in: W + scale * B @ A, computed in fp32."""
-        weight = self.weight.detach().float()
         adapters = self._active()
         if adapters is None:
             return self.weight.detach().clone()
         lora_a, lora_b = (tensor.detach().float() for tensor in adapters)
-        return (weight + (lora_b @ lora_a) * self.scale).to(self.weight.dtype)
+        return (self.weight.detach().float() + (lora_b @ lora_a) * self.scale).to(self.weight.dtype)
 
 
 def lora_linears(model: nn.Module) -> dict[str, LoraLinear]:

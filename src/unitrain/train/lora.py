@@ -14,7 +14,6 @@ frozen copy of that starting adapter, so the reference is the model training sta
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,7 +113,7 @@ def check_resume(run: LoraRun | None, path: Path, meta: dict) -> None:
         )
     if stored is None:
         raise UnitrainError(f"cannot resume from {path}: it holds fully trained weights; resume without lora")
-    current = json.loads(json.dumps(run.settings.model_dump(mode="json")))
+    current = run.settings.model_dump(mode="json")  # as meta.json stores them: lists, not tuples
     changed = [key for key in SETTINGS if current[key] != stored.get(key)]
     if changed:
         raise UnitrainError(
