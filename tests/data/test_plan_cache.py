@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from pathlib import Path
 
@@ -85,6 +86,48 @@ def test_corrupted_truncated_and_stale_files_are_rebuilt(documents, tmp_path, ca
     assert "seed" in read_plan(path, {**key, "seed": 2})[1]
     path.write_bytes(b"not a plan at all")
     assert same_plan(make_stream(documents, tmp_path / "plans").plan, expected)
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Replace the JSON header of a plan file by `edit(header)`, still valid JSON, padded to the same length so
+    the arrays stay where they are."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:16], "little")
+    header = json.dumps(edit(json.loads(data[16 : 16 + length])), separators=(",", ":")).encode()
+    assert len(header) <= length
+    path.write_bytes(data[:16] + header.ljust(length) + data[16 + length :])
+
+
+def _first_entry(header: dict) -> dict:
+    return next(iter(header["arrays"].values()))
+
+
+DAMAGES = {
+    "key renamed": lambda h: {("kez" if k == "key" else k): v for k, v in h.items()},
+    "arrays missing": lambda h: {k: v for k, v in h.items() if k != "arrays"},
+    "scalar missing": lambda h: {k: v for k, v in h.items() if k != "dropped"},
+    "not an object": lambda h: [h["format"]],
+    "dtype <i5": lambda h: _first_entry(h).update(dtype="<i5") or h,
+    "shape of strings": lambda h: _first_entry(h).update(shape=["x"]) or h,
+    "offset a string": lambda h: _first_entry(h).update(offset="0") or h,
+    "negative offset": lambda h: _first_entry(h).update(offset=-4096) or h,
+    "arrays a list": lambda h: {**h, "arrays": list(h["arrays"])},
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_a_damaged_header_is_rebuilt(documents, tmp_path, capsys, damage):
+    stream = make_stream(documents, tmp_path / "plans")
+    assert len(stream.plan)
+    expected = make_stream(documents, None).plan
+    path = plan_files(tmp_path / "plans")[0]
+    key = {**stream._plan_key(), "epoch": 0}
+    del stream  # its plan maps the file rewritten below
+    rewrite_header(path, DAMAGES[damage])
+    plan, reason = read_plan(path, key)
+    assert plan is None and reason.startswith("corrupted header")
+    assert same_plan(make_stream(documents, tmp_path / "plans").plan, expected)
+    assert "corrupted header" in capsys.readouterr().out and read_plan(path, key)[1] is None
 
 
 def test_other_settings_get_their_own_file_and_old_epochs_are_pruned(documents, tmp_path):

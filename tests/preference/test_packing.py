@@ -71,10 +71,9 @@ def test_each_target_sees_its_standalone_prompt_and_response_prefix(
             dataset[index].rejected_ids
         )
     assert batch.num_tokens == plan.num_tokens
+    chosen_targets = sum(len(sample.chosen_ids) for sample in dataset.samples)  # each pair's chosen wins once
     assert (
-        plan.row_counts.sum(axis=0).tolist()
-        == recount(batch)
-        == [23, batch.num_targets, recount(batch)[2], 23]
+        plan.row_counts.sum(axis=0).tolist() == recount(batch) == [23, batch.num_targets, chosen_targets, 23]
     )
 
 
@@ -223,6 +222,16 @@ def test_objective_and_dataset_kind_must_agree(pairs_factory, documents_factory,
             mode="rows",
             share_prompt=True,
             sequence_length=8,
+        )
+    with pytest.raises(UnitrainError, match="group_pairs must be one of"):  # a user error, like the others
+        plan_rows(
+            list_dataset(pairs_factory(3, 0), "preference"),
+            range(3),
+            objective="dpo",
+            mode="packed",
+            share_prompt=True,
+            sequence_length=8,
+            group_pairs="best_vs_all",
         )
 
 

@@ -10,11 +10,13 @@ sees padding and no token is computed twice.
 Item lengths (slots used in a row):
   pretrain    a document split into pieces of at most `sequence_length` tokens; each piece is its own document
   sft         prompt+chosen for preference data, else the whole document; longer than a row → dropped, counted
-  dpo         share_prompt: prompt + chosen + rejected; otherwise 2·prompt + chosen + rejected (prompt duplicated);
-              mode `separate` puts prompt+chosen and prompt+rejected in two batch rows of their own (as TRL), so
-              a planned row holds one pair and becomes two batch rows
-A preference pair is never split across rows; one that cannot fit is dropped and counted (truncate in
-`unitrain prepare --max-length`, which sees the text).
+  dpo         a group (a pair is a group of two responses): share_prompt: prompt + its responses; otherwise
+              one prompt copy per response; mode `separate` puts each prompt+response in a batch row of its own
+              (as TRL), so a planned row holds one group and becomes one batch row per response
+A group longer than a row (not in `separate`) is split by `split_group` into parts, each with its own copy of the
+prompt, that fill a *wide row* of their own: one batch row per part, all in the same batch. A group is dropped and
+counted, whole, when one of its responses does not fit a row even with the prompt alone, or in `separate` when
+prompt + its longest response does not (truncate in `unitrain prepare --max-length`, which sees the text).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from unitrain.data.batch import (
     SEGMENT_RESPONSE,
     PackedBatch,
 )
-from unitrain.data.ranking import GROUP_PAIRS, group_pairs
+from unitrain.data.ranking import check_mode, group_pairs
 from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
 
@@ -195,7 +197,6 @@ def _add_group(
             builders.append(row)
         if document is None or mode == "separate" or not share_prompt:
             document, last = row.add_prompt(prompt)
-            position = 0
         segment = SEGMENT_RESPONSE + (position if mode != "separate" and share_prompt else 0)
         row.add_response(sample.response_ids(number), segment, document, last, len(prompt), base + number)
 
@@ -230,21 +231,20 @@ def collate_samples(
     mode: str,
     share_prompt: bool,
     group_pairs: str = "best_vs_rest",
-    sequence_length: int | None = None,
+    sequence_length: int,
 ) -> PackedBatch:
     """Like `collate`, from rows of `(sample, document index, part)` items already read (from any dataset);
     `sequence_length` is the planned row length, which places the parts of split groups."""
-    if group_pairs not in GROUP_PAIRS:
-        raise UnitrainError(f"group_pairs must be one of {', '.join(GROUP_PAIRS)}, got {group_pairs!r}")
+    check_mode(group_pairs)
     builders: list[_RowBuilder] = []
     responses = _Responses(group_pairs)
     for items in rows:
         if objective != "dpo":
             builders.append(_RowBuilder())
             for sample, _, part in items:
-                begin = part * (sequence_length or 0)
-                end = len(sample.token_ids) if sequence_length is None else begin + sequence_length
-                _add_document(builders[-1], sample, begin, min(end, len(sample.token_ids)), objective)
+                begin = part * sequence_length
+                end = min(begin + sequence_length, len(sample.token_ids))
+                _add_document(builders[-1], sample, begin, end, objective)
             continue
         if mode != "separate":
             builders.append(_RowBuilder())

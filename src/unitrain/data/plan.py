@@ -30,7 +30,7 @@ from unitrain.data.packing import check_kind, check_options
 from unitrain.data.plan_items import COUNTS, Columns, extra_items, window_items
 from unitrain.data.ranking import check_mode
 
-CHUNK = 1 << 20  # documents per vectorized pass where only a sum is needed
+CHUNK = 1 << 20  # items per slice when moving a source's planned items down over a gap (bounded scratch)
 
 
 @dataclass

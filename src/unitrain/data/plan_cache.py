@@ -2,14 +2,14 @@
 resumed run.
 
 One file per (stream, epoch): a header (magic, JSON with the key and each array's dtype, shape, offset and
-CRC-32) and the plan's arrays at 64-byte aligned offsets. The key holds everything that determines the plan (the
-datasets' fingerprints, a digest of each source's indices, the blend weights, the packing settings, the window,
-the seed, the epoch and this format's version); a file whose key, sizes or checksums do not match is rebuilt,
-never trusted. Writes go to a temporary file renamed into place, so a reader sees a whole file or none. The ranks
-of one machine take a file lock (`fcntl.flock`): readers share it, the first rank that finds no valid plan takes
-it exclusively, builds and writes, and the others then read. Trade-off: reading verifies a CRC over the whole file
-(57 ms for 10⁷ documents, measured), 40× cheaper than a rebuild and safe against a torn or
-stale file.
+CRC-32) and the plan's arrays at 64-byte aligned offsets. The key holds everything that determines the plan
+(the datasets' fingerprints, a digest of each source's indices, the blend weights, the packing settings, the
+window, the seed, the epoch and this format's version); a file whose key, sizes or checksums do not match, or
+whose header is damaged (a field missing or of the wrong type), is rebuilt, never trusted. Writes go to a
+temporary file renamed into place, so a reader sees a whole file or none. The ranks of one machine take a file
+lock (`fcntl.flock`): readers share it, the first rank that finds no valid plan takes it exclusively, builds
+and writes, and the others then read. Trade-off: reading verifies a CRC over the whole file (57 ms for 10⁷
+documents, measured), 40× cheaper than a rebuild and safe against a torn or stale file.
 """
 
 from __future__ import annotations
@@ -87,6 +87,15 @@ def read_plan(path: Path, key: dict) -> tuple[PackingPlan | None, str | None]:
         header = json.loads(bytes(mapped[len(MAGIC) + 8 : len(MAGIC) + 8 + length]))
     except (OSError, ValueError) as error:
         return None, f"unreadable ({error})"
+    try:
+        return _plan_from(mapped, length, header, key)
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as error:
+        # valid JSON, wrong content (a field missing, a dtype, shape or offset of the wrong type): rebuild
+        return None, f"corrupted header ({type(error).__name__}: {error})"
+
+
+def _plan_from(mapped: mmap.mmap, length: int, header, key: dict) -> tuple[PackingPlan | None, str | None]:
+    """`read_plan` past the JSON: the header checked against `key` and the arrays mapped and verified."""
     if header.get("format") != FORMAT:
         return None, f"format {header.get('format')!r}, this unitrain writes {FORMAT!r}"
     if header.get("key") != key:

@@ -5,8 +5,9 @@ a preference group (a pair is a group of two responses scored (1, 0)) with its p
 slots and its counts (`COUNTS`: pairs, target tokens, chosen-response target tokens, groups), which become the
 per-row counts that normalize the loss. A group longer than a row is split into parts (`packing.split_group`,
 each part with its own copy of the prompt) that fill a *wide row* of their own, one batch row per part, so that
-every response of the group is in the same forward pass; only a response that does not fit a row even with the
-prompt alone is dropped. Trade-off: the columns are read per window (no Python object per document); only split
+every response of the group is in the same forward pass; a group with a response that does not fit a row even
+with the prompt alone is dropped whole (and counted), as is, in `separate` mode, a group whose prompt + longest
+response does not fit. Trade-off: the columns are read per window (no Python object per document); only split
 groups, rare, take a Python loop each.
 """
 
@@ -159,9 +160,8 @@ def window_items(columns: Columns, docs: np.ndarray, packing: dict, S: int) -> W
     group_pairs)."""
     objective, mode, share_prompt = packing["objective"], packing["mode"], packing["share_prompt"]
     lengths = columns.lengths(docs)
-    if objective == "dpo" or (
-        objective == "sft" and (columns.pairs is not None or columns.groups is not None)
-    ):
+    # preference data, for sft or dpo (check_kind refuses it for pretrain, and dpo without it)
+    if columns.pairs is not None or columns.groups is not None:
         return _preference_items(
             columns,
             docs,

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from unitrain.errors import UnitrainError
+
 GROUP_PAIRS = ("all", "best_vs_rest", "best_vs_worst")
 
 
 def check_mode(mode: str) -> None:
     if mode not in GROUP_PAIRS:
-        raise ValueError(f"group_pairs must be one of {', '.join(GROUP_PAIRS)}, got {mode!r}")
+        raise UnitrainError(f"group_pairs must be one of {', '.join(GROUP_PAIRS)}, got {mode!r}")
 
 
 def group_pairs(scores: np.ndarray, mode: str) -> np.ndarray:
-    """(k, 2) int64 (preferred, other) response numbers of one group, ordered by preferred then other."""
-    check_mode(mode)
+    """(k, 2) int64 (preferred, other) response numbers of one group, ordered by preferred then other. Called
+    per group, so `mode` is not checked here: callers check it once (`check_mode`)."""
     scores = np.asarray(scores)
     better = scores[:, None] > scores[None, :]  # (N, N) i preferred to j
     if mode != "all":
