@@ -111,6 +111,18 @@ BAD_GROUPS = [
         "bad_completions",
         "completions",
     ),  # fmt: skip
+    # found only once tokenized: the skip names the field the row's responses and scores came from
+    (
+        {"prompt": "p", "completions": [{"response": " a", "overall_score": s} for s in (1, 2)]},
+        "too_few_responses",
+        "completions",
+    ),  # fmt: skip
+    (
+        {"prompt": "p", "completions": [{"response": r, "overall_score": 3} for r in (" a", " b")]},
+        "equal_scores",
+        "completions",
+    ),  # fmt: skip
+    ({"prompt": "p", "chosen": " a", "rejected": [" a"]}, "too_few_responses", "rejected"),
 ]
 
 

@@ -27,6 +27,13 @@ from unitrain.data.sources import (
     string_field,
 )
 
+# per row shape: the schema fields its responses and its scores come from (what a group's skip names)
+GROUP_FIELDS = {
+    "completions": ("completions", "completions"),
+    "responses": ("responses", "scores"),
+    "rejected_list": ("rejected", "rejected"),
+}
+
 
 def _score(value, field: str, number: int) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -77,7 +84,8 @@ def extract_group(
     row_index: int, row: dict, fields: dict[str, str], render: Callable[..., str] | None
 ) -> Document:
     """One group-shaped row → a Document with roles prompt, response, ... and one score per response."""
-    items = _items(row, fields, group_shape(row, fields))
+    shape = group_shape(row, fields)
+    items = _items(row, fields, shape)
     kept = [(value, score, key) for value, score, key in items if value not in (None, "", [])]
     skipped = len(items) - len(kept)
     if len(kept) < 2:
@@ -102,4 +110,5 @@ def extract_group(
                 ) from None
     roles = ["prompt"] + ["response"] * len(kept)
     ignored = row.get(fields["loss_masking_spans"]) is not None
-    return Document(row_index, segments, roles, ignored, [score for _, score, _ in kept], skipped)
+    scores = [score for _, score, _ in kept]
+    return Document(row_index, segments, roles, ignored, scores, skipped, GROUP_FIELDS[shape])

@@ -62,6 +62,10 @@ class Document:
     ignored_spans: bool = False  # the row had loss_masking_spans that this schema ignores
     scores: list[float] | None = None  # a group: one score per response segment
     skipped_responses: int = 0  # a group: null or empty responses left out
+    group_fields: tuple[str, str] = (
+        "responses",
+        "scores",
+    )  # a group: the fields its responses and scores came from
 
 
 # ---------------------------------------------------------------- rows

@@ -173,7 +173,9 @@ def to_samples(
             counters.ignore_spans(document.row)
         try:
             if document.scores is not None:
-                sample = _group(pieces, document.scores, tokenizer, max_length, counters)
+                sample = _group(
+                    pieces, document.scores, document.group_fields, tokenizer, max_length, counters
+                )
                 counters.skipped_responses += document.skipped_responses  # only for a row that is kept
                 results.append((document.row, sample))
             elif kind == "preference":
@@ -233,7 +235,12 @@ def _preference(
 
 
 def _group(
-    pieces: list[list[int]], scores: list[float], tokenizer: TextTokenizer, max_length, counters: Counters
+    pieces: list[list[int]],
+    scores: list[float],
+    group_fields: tuple[str, str],
+    tokenizer: TextTokenizer,
+    max_length,
+    counters: Counters,
 ) -> GPTSample:
     """prompt + N responses → a group sample; responses without tokens are skipped, duplicates (as tokens, after
     truncation) keep their first occurrence, and a group needs ≥ 2 responses and two different scores. The
@@ -247,9 +254,11 @@ def _group(
     for ids, score in responses:
         unique.setdefault(tuple(ids), score)
     if len(unique) < 2:
-        raise RowError("too_few_responses", "responses", f"{len(unique)} distinct responses with tokens")
+        raise RowError("too_few_responses", group_fields[0], f"{len(unique)} distinct responses with tokens")
     if len(set(unique.values())) < 2:
-        raise RowError("equal_scores", "scores", "every response has the same score: no preference to learn")
+        raise RowError(
+            "equal_scores", group_fields[1], "every response has the same score: no preference to learn"
+        )
     counters.skipped_responses += len(scores) - len(responses)
     counters.truncated_groups += int(room is not None)
     counters.duplicate_responses += len(responses) - len(unique)
