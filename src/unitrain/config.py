@@ -36,10 +36,20 @@ from unitrain.config_sections import (
 )
 from unitrain.errors import UnitrainError
 
+OBJECTIVES = ("pretrain", "sft", "dpo")
+
 
 class TrainConfig(Section):
-    objective: Literal["pretrain", "sft", "dpo"] = Field(
-        description="Training loss: LM, masked LM, or DPO-family."
+    objective: Literal["pretrain", "sft", "dpo"] | None = Field(
+        None,
+        description="Training loss: LM, masked LM, or DPO-family; the default of every `data.train` entry "
+        "(required unless every entry names its own `objective`).",
+    )
+    objectives: dict[Literal["pretrain", "sft", "dpo"], float] | None = Field(
+        None,
+        description="Loss weight of each objective of a mixed run, e.g. `{dpo: 1.0, pretrain: 0.1}`: the loss is "
+        "the weighted sum of each objective's own mean (docs/training.md); default 1.0 each. An objective at "
+        "weight 0 is left out: its datasets are not sampled.",
     )
     model: ModelSection = Field(description="Where the starting weights come from.")
     data: DataSection = Field(description="Training and validation datasets.")
@@ -60,7 +70,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _contradictions(self) -> TrainConfig:
-        if self.objective != "dpo":
+        self._check_objectives()
+        if "dpo" not in self.loss_weights:
             # Compared with the defaults (not with the keys given) so that a dumped config loads again.
             if self.dpo != DPOSection():
                 raise ValueError(f"dpo settings are given but objective is {self.objective}")
@@ -73,9 +84,63 @@ class TrainConfig(Section):
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below train.max_steps "
                 f"({self.train.max_steps})"
             )
-        if self.objective == "dpo":
+        if self.mixed and "dpo" in self.loss_weights and self.packing.mode != "packed":
+            raise ValueError(
+                "a mixed run packs preference pairs with the other documents: packing.mode must be packed, not "
+                f"{self.packing.mode}"
+            )
+        if "dpo" in self.loss_weights:
             self.preference_loss_config()
         return self
+
+    def _check_objectives(self) -> None:
+        for index, source in enumerate(self.data.sources):
+            if source.objective is None and self.objective is None:
+                raise ValueError(f"data.train[{index}] needs an objective (or set the run's objective)")
+        if isinstance(self.data.validation, list):
+            for index, entry in enumerate(self.data.validation):
+                if entry.objective is None and self.objective is None:
+                    raise ValueError(
+                        f"data.validation[{index}] needs an objective (or set the run's objective)"
+                    )
+        given = set(self.source_objectives)
+        for name, weight in (self.objectives or {}).items():
+            if name not in given:
+                raise ValueError(f"objectives.{name}: no data.train entry has objective {name}")
+            if not weight >= 0:
+                raise ValueError(f"objectives.{name}: a loss weight must be >= 0, got {weight}")
+        if not self.loss_weights:
+            raise ValueError("objectives: every objective has loss weight 0, nothing would train")
+        if self.mixed and isinstance(self.data.validation, str):
+            raise ValueError(
+                "data.validation: a mixed run names its validation sets as a list of {name, path}"
+            )
+        if not self.mixed and self.objective is None:  # e.g. every entry `dpo`, or `{pretrain: 0}` beside dpo
+            self.objective = self.run_objective
+
+    @property
+    def source_objectives(self) -> list[str]:
+        """The objective of each `data.train` entry."""
+        return [source.objective or self.objective for source in self.data.sources]
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Objectives trained (loss weight > 0) → loss weight, in the order pretrain, sft, dpo."""
+        given = set(self.source_objectives)
+        weights = {name: (self.objectives or {}).get(name, 1.0) for name in OBJECTIVES if name in given}
+        return {name: weight for name, weight in weights.items() if weight > 0}
+
+    @property
+    def mixed(self) -> bool:
+        """Several objectives (or one at a loss weight other than 1): the mixed path of the trainer. A run of one
+        objective at weight 1 takes the single-objective path, exactly as before mixing existed."""
+        weights = self.loss_weights
+        return len(weights) != 1 or next(iter(weights.values())) != 1.0
+
+    @property
+    def run_objective(self) -> str | None:
+        """The one objective of a single-objective run (None for a mixed run)."""
+        return None if self.mixed else next(iter(self.loss_weights))
 
     @model_validator(mode="after")
     def _lora_adapter_matches(self) -> TrainConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,19 +42,45 @@ class ModelSection(Section):
         return self
 
 
+Objective = Literal["pretrain", "sft", "dpo"]
+
+
 class DataSource(Section):
     path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
     weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+    objective: Objective | None = Field(
+        None,
+        description="The loss this dataset's documents train: `pretrain`, `sft` or `dpo`; default: the run's "
+        "`objective`. Datasets of different objectives make a mixed run (see `objectives`).",
+    )
+    name: str | None = Field(
+        None,
+        description="Name of its held-out share in the validation metrics (`eval/NAME/...`) when "
+        "`data.validation` is a fraction of a mixed run; default: the directory's name.",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class ValidationSet(Section):
+    name: str = Field(description="Prefix of this set's validation metrics: `eval/NAME/loss`, ...")
+    path: str = Field(description="A prepared dataset directory.")
+    objective: Objective | None = Field(
+        None, description="The loss it is evaluated with; default: the run's `objective`."
+    )
 
 
 class DataSection(Section):
     train: str | list[DataSource] = Field(
-        description="A prepared dataset directory, or a list of `{path, weight}` to blend several."
+        description="A prepared dataset directory, or a list of `{path, weight, objective, name}` to blend several "
+        "(of one objective or several)."
     )
-    validation: str | float | None = Field(
+    validation: str | float | list[ValidationSet] | None = Field(
         None,
-        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
-        "none disables validation.",
+        description="A prepared dataset directory, a fraction in (0, 1) of each training dataset held out, or a "
+        "list of `{name, path, objective}` sets, each reported under its name; none disables validation.",
     )
     allow_tokenizer_mismatch: bool = Field(
         False,
@@ -63,9 +90,13 @@ class DataSection(Section):
 
     @field_validator("validation")
     @classmethod
-    def _fraction(cls, value: str | float | None) -> str | float | None:
+    def _fraction(cls, value: str | float | list | None) -> str | float | list | None:
         if isinstance(value, float) and not 0.0 < value < 1.0:
             raise ValueError(f"a held-out fraction must be in (0, 1), got {value}")
+        if isinstance(value, list):
+            names = [entry.name for entry in value]
+            if not value or len(set(names)) < len(names):
+                raise ValueError(f"validation sets need distinct names, got {names}")
         return value
 
     @property

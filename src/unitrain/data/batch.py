@@ -20,6 +20,8 @@ Per target (N targets in the whole batch, only tokens that count for the loss or
   target_positions (N,) int64  flat slot index r * T + t whose hidden state predicts it (explicit, not a shift
                                by one: the first token of every response is predicted by the last prompt slot)
   target_response  (N,) int64  batch-local response index in [0, Rb), or -1 for LM/SFT targets
+  target_objective (N,) int64  or None: which objective each target trains (`OBJECTIVE_CODES`: 0 pretrain, 1 sft,
+                               2 dpo), set in the batches of a mixed run only (None: the run's one objective)
 Per response (Rb responses; a group split over several rows still lists each response once):
   response_group   (Rb,) int64   batch-local group index in [0, G)
   response_number  (Rb,) int64   the response's number within its group in the dataset
@@ -44,6 +46,7 @@ SEGMENT_PROMPT = 1
 SEGMENT_RESPONSE = 2  # + k for a document's k-th response in the row
 SEGMENT_CHOSEN = SEGMENT_RESPONSE
 SEGMENT_REJECTED = SEGMENT_RESPONSE + 1
+OBJECTIVE_CODES = {"pretrain": 0, "sft": 1, "dpo": 2}  # values of `target_objective`
 
 
 @dataclass
@@ -60,6 +63,7 @@ class PackedBatch:
     response_score: torch.Tensor
     pair_responses: torch.Tensor
     group_index: torch.Tensor
+    target_objective: torch.Tensor | None = None
 
     @classmethod
     def layout_only(cls, input_ids, position_ids, document_id, segment) -> PackedBatch:
@@ -109,5 +113,9 @@ class PackedBatch:
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        }
         return replace(self, **moved)

@@ -7,6 +7,10 @@ where a split group's parts start). The trade-off: planning costs one pass over 
 preference or SFT data, the spans) before training, and in exchange every objective and every preference layout
 shares one batch type whose targets carry explicit predicting positions, so the model never sees padding and no
 token is computed twice.
+
+In a mixed run (`objective_of` given) a row may hold pretraining pieces, SFT documents and preference groups side
+by side; each target then carries its objective (`target_objective`), and the attention rule keeps every
+document to itself as in any packed row.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from unitrain.data.batch import (
+    OBJECTIVE_CODES,
     SEGMENT_PAD,
     SEGMENT_PLAIN,
     SEGMENT_PROMPT,
@@ -36,7 +41,7 @@ class _RowBuilder:
         self.segments: list[np.ndarray] = []
         self.length = 0
         self.num_documents = 0
-        self.targets: list[tuple[np.ndarray, np.ndarray, int]] = []  # tokens, slots, batch-local response
+        self.targets: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # tokens, slots, response, objective
 
     def add(self, tokens: np.ndarray, positions: np.ndarray, segment: int, document: int) -> int:
         start = self.length
@@ -51,8 +56,11 @@ class _RowBuilder:
         self.num_documents += 1
         return self.num_documents - 1
 
-    def target(self, tokens: np.ndarray, slots: np.ndarray, response: int = -1) -> None:
-        self.targets.append((np.asarray(tokens, dtype=np.int64), np.asarray(slots, dtype=np.int64), response))
+    def target(
+        self, tokens: np.ndarray, slots: np.ndarray, response: int = -1, objective: str = "dpo"
+    ) -> None:
+        tokens, slots = np.asarray(tokens, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+        self.targets.append((tokens, slots, response, OBJECTIVE_CODES[objective]))
 
     def add_prompt(self, prompt: np.ndarray) -> tuple[int, int]:
         """A new document starting with `prompt` → (document id, slot of the last prompt token)."""
@@ -96,12 +104,12 @@ def _add_document(row: _RowBuilder, sample: GPTSample, begin: int, end: int, obj
     if objective == "pretrain":
         tokens = sample.token_ids[begin:end]
         start = row.add(tokens, np.arange(len(tokens)), SEGMENT_PLAIN, document)
-        row.target(tokens[1:], np.arange(start, start + len(tokens) - 1))
+        row.target(tokens[1:], np.arange(start, start + len(tokens) - 1), objective=objective)
         return
     keep, length = sft_targets(sample)
     tokens = sft_document(sample)
     start = row.add(tokens, np.arange(length), SEGMENT_PLAIN, document)
-    row.target(tokens[keep], start + keep - 1)
+    row.target(tokens[keep], start + keep - 1, objective=objective)
 
 
 def _add_group(
@@ -153,58 +161,81 @@ def collate_samples(
     share_prompt: bool,
     group_pairs: str = "best_vs_rest",
     sequence_length: int,
+    objective_of=None,
 ) -> PackedBatch:
     """Like `collate`, from rows of `(sample, document index, part)` items already read (from any dataset);
-    `sequence_length` is the planned row length, which places the parts of split groups."""
+    `sequence_length` is the planned row length, which places the parts of split groups. `objective_of(document
+    index) -> objective` makes a mixed batch (its own objective per item, `target_objective` set)."""
     check_mode(group_pairs)
     builders: list[_RowBuilder] = []
     responses = _Responses(group_pairs)
+    layout = dict(mode=mode, share_prompt=share_prompt, sequence_length=sequence_length)
     for items in rows:
-        if objective != "dpo":
-            builders.append(_RowBuilder())
-            for sample, _, part in items:
-                begin = part * sequence_length
-                end = min(begin + sequence_length, len(sample.token_ids))
-                _add_document(builders[-1], sample, begin, end, objective)
+        if objective_of is None:
+            _add_row(builders, responses, items, objective, **layout)
             continue
-        if mode != "separate":
+        kinds = [objective_of(index) for _, index, _ in items]
+        if len(set(kinds)) == 1:  # a row of one objective (a wide row of a split group is one)
+            _add_row(builders, responses, items, kinds[0], **layout)
+            continue
+        builders.append(_RowBuilder())  # a mixed row: every item whole (parts only split pretraining pieces)
+        for (sample, index, part), kind in zip(items, kinds):
+            if kind == "dpo":
+                base = responses.add_group(index, sample.group_scores)
+                _add_group(builders, sample, range(len(sample.group_scores)), base, mode, share_prompt)
+            else:
+                begin = part * sequence_length
+                _add_document(builders[-1], sample, begin, begin + sequence_length, kind)
+    return _assemble(builders, responses, tagged=objective_of is not None)
+
+
+def _add_row(builders, responses, items, objective, *, mode, share_prompt, sequence_length) -> None:
+    """One planned row of one objective."""
+    if objective != "dpo":
+        builders.append(_RowBuilder())
+        for sample, _, part in items:
+            begin = part * sequence_length
+            end = min(begin + sequence_length, len(sample.token_ids))
+            _add_document(builders[-1], sample, begin, end, objective)
+        return
+    if mode != "separate":
+        builders.append(_RowBuilder())
+    split: tuple[int, int] | None = None  # (document, first response) of the group being split
+    for sample, index, part in items:
+        scores = sample.group_scores
+        if part == 0:
+            base = responses.add_group(index, scores)
+            _add_group(builders, sample, range(len(scores)), base, mode, share_prompt)
+            continue
+        lengths = np.diff(sample.group_spans, axis=1)[:, 0]
+        starts = split_group(len(sample.prompt_ids), lengths, sequence_length, share_prompt) + [len(scores)]
+        if split is None or split[0] != index:
+            split = (index, responses.add_group(index, scores))
+        if builders[-1].length:
             builders.append(_RowBuilder())
-        split: tuple[int, int] | None = None  # (document, first response) of the group being split
-        for sample, index, part in items:
-            scores = sample.group_scores
-            if part == 0:
-                base = responses.add_group(index, scores)
-                _add_group(builders, sample, range(len(scores)), base, mode, share_prompt)
-                continue
-            lengths = np.diff(sample.group_spans, axis=1)[:, 0]
-            starts = split_group(len(sample.prompt_ids), lengths, sequence_length, share_prompt) + [
-                len(scores)
-            ]
-            if split is None or split[0] != index:
-                split = (index, responses.add_group(index, scores))
-            if builders[-1].length:
-                builders.append(_RowBuilder())
-            _add_group(builders, sample, range(starts[part - 1], starts[part]), split[1], mode, share_prompt)
-    return _assemble(builders, responses)
+        _add_group(builders, sample, range(starts[part - 1], starts[part]), split[1], mode, share_prompt)
 
 
-def _assemble(builders: list[_RowBuilder], responses: _Responses) -> PackedBatch:
+def _assemble(builders: list[_RowBuilder], responses: _Responses, tagged: bool = False) -> PackedBatch:
     num_rows = len(builders)
     width = max((row.length for row in builders), default=0)
     input_ids = np.zeros((num_rows, width), dtype=np.int64)
     position_ids = np.zeros((num_rows, width), dtype=np.int64)
     document_id = np.full((num_rows, width), -1, dtype=np.int64)
     segment = np.full((num_rows, width), SEGMENT_PAD, dtype=np.int64)
-    target_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    target_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for r, row in enumerate(builders):
         if row.length:
             input_ids[r, : row.length] = np.concatenate(row.tokens)
             position_ids[r, : row.length] = np.concatenate(row.positions)
             document_id[r, : row.length] = np.concatenate(row.documents)
             segment[r, : row.length] = np.concatenate(row.segments)
-        for tokens, slots, response in row.targets:
-            target_parts.append((tokens, r * width + slots, np.full(len(tokens), response, np.int64)))
-    columns = [np.concatenate(part) for part in zip(*target_parts)] or [np.zeros(0, np.int64)] * 3
+        for tokens, slots, response, objective in row.targets:
+            n = len(tokens)
+            target_parts.append(
+                (tokens, r * width + slots, np.full(n, response, np.int64), np.full(n, objective, np.int64))
+            )
+    columns = [np.concatenate(part) for part in zip(*target_parts)] or [np.zeros(0, np.int64)] * 4
 
     def joined(parts: list[np.ndarray], dtype, shape=(0,)) -> torch.Tensor:
         return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(shape, dtype))
@@ -222,4 +253,5 @@ def _assemble(builders: list[_RowBuilder], responses: _Responses) -> PackedBatch
         response_score=joined(responses.score, np.float32),  # (Rb,)
         pair_responses=joined(responses.pairs, np.int64, (0, 2)).reshape(-1, 2),  # (P, 2)
         group_index=torch.tensor(responses.group_index, dtype=torch.int64),  # (G,)
+        target_objective=torch.from_numpy(columns[3]) if tagged else None,  # (N,)
     )

@@ -10,6 +10,9 @@ Blending: each epoch takes from source s `round(N · w_s / Σw)` documents (N = 
 reshuffled from its own indices (repeating them when it needs more than it has), packs each source apart and
 shuffles the rows of all sources together. The `group_index` of a blended batch is offset by the total length of
 the datasets listed before its own, so one index names one pair across sources.
+
+Mixed objectives (`objectives`, one per source): the same draw, but the sources share rows (`epoch/mix.py`), each
+item is collated under its source's objective, and a step's counts add the pretraining and SFT targets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from unitrain.data.batch import PackedBatch
 from unitrain.data.batches.collate import collate, collate_samples, read_rows
+from unitrain.data.epoch.mix import MIXED_COUNTS, build_mixed_plan
 from unitrain.data.epoch.plan import PackingPlan, build_plan, plan_rows
 from unitrain.data.epoch.ranking import check_mode
 from unitrain.data.epoch.rules import check_options
@@ -49,6 +53,8 @@ class StepBatches:
     global_targets: int  # targets (loss tokens) in this step over every micro-batch of every rank
     global_chosen_targets: int  # chosen-response targets, the token count that normalizes the `sft` loss
     global_groups: int  # preference groups (a pair is one), what normalizes a listwise loss
+    global_lm_targets: int = 0  # a mixed run's pretraining targets (its LM loss's count)
+    global_sft_targets: int = 0  # a mixed run's SFT targets
 
 
 class BatchStream:
@@ -76,8 +82,13 @@ class BatchStream:
         window: int | None = None,
         cache_dir: str | Path | None = None,
         progress: bool = False,
+        objectives: list[str] | None = None,
     ) -> None:
-        check_options(objective, mode, sequence_length)
+        self.objectives = None if objectives is None else list(objectives)
+        for name in self.objectives or [objective]:
+            check_options(name, mode, sequence_length)
+        if self.objectives is not None and len(self.objectives) != len(sources):
+            raise UnitrainError(f"{len(sources)} sources but {len(self.objectives)} objectives")
         if not sources:
             raise UnitrainError("at least one data source is needed")
         if micro_batch_size < 1 or accumulation_steps < 1 or not 0 <= rank < world_size:
@@ -127,6 +138,8 @@ class BatchStream:
                 "seed": self.seed,
                 **self.packing,
             }
+            if self.objectives is not None:
+                self._key["objectives"] = self.objectives
         return self._key
 
     @property
@@ -151,11 +164,25 @@ class BatchStream:
 
     def _build(self) -> PackingPlan:
         total = sum(len(indices) for _, indices in self.sources)
-        planned = []
-        for (dataset, indices), weight, offset in zip(self.sources, self.weights, self.offsets):
+        planned, objectives = [], []
+        for source, ((dataset, indices), weight, offset) in enumerate(
+            zip(self.sources, self.weights, self.offsets)
+        ):
             wanted = int(round(total * weight)) if len(self.sources) > 1 else len(indices)
             if wanted and len(indices):
                 planned.append((dataset, indices, wanted, int(offset)))
+                objectives.append(None if self.objectives is None else self.objectives[source])
+        if self.objectives is not None:
+            packing = {key: value for key, value in self.packing.items() if key != "objective"}
+            return build_mixed_plan(
+                planned,
+                objectives,
+                sequence_length=self.sequence_length,
+                window=self.window,
+                rng=np.random.default_rng([self.seed, self.epoch]),
+                progress=self.progress,
+                **packing,
+            )
         return build_plan(
             planned,
             sequence_length=self.sequence_length,
@@ -203,17 +230,32 @@ class BatchStream:
             self._collate(mine[k : k + self.micro_batch_size])
             for k in range(0, per_rank, self.micro_batch_size)
         ]
-        pairs, targets, chosen, groups = (int(total) for total in counts.sum(axis=0))
-        return StepBatches(micro_batches, pairs, targets, chosen, groups)
+        totals = dict(zip(MIXED_COUNTS, (int(total) for total in counts.sum(axis=0))))
+        return StepBatches(
+            micro_batches,
+            totals["pairs"],
+            totals["targets"],
+            totals["chosen_targets"],
+            totals["groups"],
+            totals.get("lm_targets", 0),
+            totals.get("sft_targets", 0),
+        )
+
+    def _source(self, document: int) -> int:
+        return int(np.searchsorted(self.offsets, document, side="right")) - 1
 
     def _sample(self, document: int):
         """A sample by its stream-wide document id (the source's offset + its index in the source)."""
-        source = int(np.searchsorted(self.offsets, document, side="right")) - 1
+        source = self._source(document)
         return self.sources[source][0][document - int(self.offsets[source])]
+
+    def _objective_of(self, document: int) -> str:
+        return self.objectives[self._source(document)]
 
     def _collate(self, rows) -> PackedBatch:
         read = [items for plan, r in rows for items in read_rows(plan, [r], self._sample)]
-        return collate_samples(read, sequence_length=self.sequence_length, **self.packing)
+        mixed = {} if self.objectives is None else {"objective_of": self._objective_of}
+        return collate_samples(read, sequence_length=self.sequence_length, **self.packing, **mixed)
 
     def state_dict(self) -> dict:
         return {
@@ -224,6 +266,7 @@ class BatchStream:
             "window": self.window,
             **self.packing,
             "fingerprints": [str(getattr(dataset, "fingerprint", "")) for dataset, _ in self.sources],
+            **({} if self.objectives is None else {"objectives": self.objectives}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,10 +274,10 @@ class BatchStream:
         mine = self.state_dict()
         state = {"group_pairs": "best_vs_rest", **state}  # saved before groups existed: pairs, one per group
         keys = ("seed", "sequence_length", "window", "objective", "mode", "share_prompt", "group_pairs")
-        for key in (*keys, "fingerprints"):
-            if state.get(key) != mine[key]:
+        for key in (*keys, "fingerprints", "objectives"):
+            if state.get(key) != mine.get(key):
                 raise UnitrainError(
-                    f"cannot resume the data stream: {key} was {state.get(key)!r} and is now {mine[key]!r}"
+                    f"cannot resume the data stream: {key} was {state.get(key)!r} and is now {mine.get(key)!r}"
                 )
         self.epoch = int(state["epoch"])
         if not 0 <= int(state["row"]) <= len(self.plan):
