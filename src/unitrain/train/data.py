@@ -4,7 +4,8 @@ Each rank builds the same seeded stream and reads its own share of every step (`
 are shared through `run.output_dir/plans/` (built by the first rank of a machine, memory-mapped by the others and
 by a resumed run); validation is a separate dataset or a seeded fraction held out from each training dataset.
 Trade-off: a run given `epochs` plans one epoch up front to turn it into a step count, so the schedule and the
-ETA are exact from step one.
+ETA are exact from step one. A mixed run opens each dataset for its own objective, leaves out the datasets of an
+objective at loss weight 0, and names every validation set (`validation_names`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class TrainingData:
     vocab_size: int
     eos_id: int | None
     tokenizer_path: Path | None
+    objectives: list[str] | None = None  # per dataset (training, then validation sets): its objective
+    validation_names: list[str] | None = None  # per `validation` entry, in a mixed run or for a list of sets
+
+    def objective_of(self, position: int) -> str:
+        return self.packing["objective"] if self.objectives is None else self.objectives[position]
+
+    @property
+    def reference_datasets(self) -> list:
+        """The datasets the reference scores: the preference ones (all of them in a DPO run)."""
+        return [dataset for dataset in self.datasets if dataset.kind == "preference"]
 
     @property
     def groups(self) -> bool:
@@ -56,7 +67,10 @@ class TrainingData:
         from unitrain.data.epoch.plan_items import fit_length
 
         for position, indices in self.validation:
-            dataset, packing = self.datasets[position], self.packing
+            dataset, packing = (
+                self.datasets[position],
+                {**self.packing, "objective": self.objective_of(position)},
+            )
             # a pretraining document is cut into pieces that always fit; other documents and pairs are whole
             fitting = max(packing["sequence_length"], fit_length(dataset, indices, packing))
             packing = {**packing, "sequence_length": fitting}
@@ -68,12 +82,15 @@ def describe_rows(data: TrainingData) -> list[str]:
     """Lines for the user: how full the rows are, how many documents/pairs do not fit a row (they are never
     trained on) and which row length would fit them; how many held-out ones validation evaluates (all)."""
     stream, length = data.stream, data.packing["sequence_length"]
-    unit = data.preference_unit if data.packing["objective"] == "dpo" else "document"
+    unit = {"dpo": data.preference_unit, None: "item"}.get(data.packing["objective"], "document")
     lines = [f"packing: {stream.efficiency:.1%} of row slots hold tokens"]
     if stream.dropped:
         from unitrain.data.epoch.plan_items import fit_length
 
-        fitting = max(fit_length(dataset, indices, data.packing) for dataset, indices in stream.sources)
+        fitting = max(
+            fit_length(dataset, indices, {**data.packing, "objective": data.objective_of(position)})
+            for position, (dataset, indices) in enumerate(stream.sources)
+        )
         need = "a response with its prompt needs" if unit != "document" else "need"
         lines[0] += (
             f"; {counted(stream.dropped, unit)} of this epoch are not trained on: {need} more than "
@@ -145,6 +162,8 @@ def _open_dataset(path: str, key: str, objective: str):
 
 
 def _validation_paths(config: TrainConfig) -> list[str]:
+    if isinstance(config.data.validation, list):
+        return [entry.path for entry in config.data.validation]
     return [config.data.validation] if isinstance(config.data.validation, str) else []
 
 
@@ -168,7 +187,7 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
     """Open and check the datasets, hold out validation, and build this rank's batch stream."""
     from unitrain.data.batches.stream import BatchStream, split_indices
 
-    objective = config.objective
+    objective = config.run_objective  # None in a mixed run: each dataset has its own
     packing = {
         "objective": objective,
         "mode": config.packing.mode,
@@ -176,22 +195,32 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         "sequence_length": config.packing.sequence_length,
         "group_pairs": config.dpo.group_pairs,
     }
-    sources, validation = [], []
-    for index, source in enumerate(config.data.sources):
-        dataset = _open_dataset(source.path, f"data.train[{index}]", objective)
+    sources, validation, objectives, names = [], [], [], []
+    trained = zip(config.data.sources, config.source_objectives)
+    kept = [(k, source, name) for k, (source, name) in enumerate(trained) if name in config.loss_weights]
+    for index, source, source_objective in kept:
+        dataset = _open_dataset(source.path, f"data.train[{index}]", source_objective)
         indices = np.arange(len(dataset))
         if isinstance(config.data.validation, float):
             indices, held_out = split_indices(len(dataset), config.data.validation, config.train.seed)
-            validation.append((index, held_out))
+            validation.append((len(sources), held_out))
+            names.append(source.label)
         sources.append((dataset, indices, source.weight))
+        objectives.append(source_objective)
     datasets = [dataset for dataset, _, _ in sources]
     if isinstance(config.data.validation, str):
         datasets.append(_open_dataset(config.data.validation, "data.validation", objective))
         validation.append((len(sources), np.arange(len(datasets[-1]))))
+    for index, entry in enumerate(config.data.validation if isinstance(config.data.validation, list) else []):
+        entry_objective = entry.objective or config.objective
+        if not config.mixed and entry_objective != objective:
+            raise UnitrainError(f"data.validation[{index}]: objective {entry_objective} in a {objective} run")
+        datasets.append(_open_dataset(entry.path, f"data.validation[{index}]", entry_objective))
+        validation.append((len(datasets) - 1, np.arange(len(datasets[-1]))))
+        objectives.append(entry_objective)
+        names.append(entry.name)
     first = sources[0][0]
-    _check_same_tokenizer(
-        datasets, [source.path for source in config.data.sources] + _validation_paths(config)
-    )
+    _check_same_tokenizer(datasets, [source.path for _, source, _ in kept] + _validation_paths(config))
     stream = BatchStream(
         sources,
         **packing,
@@ -203,6 +232,7 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         window=config.packing.window,
         cache_dir=Path(config.run.output_dir) / "plans",
         progress=context.is_main and config.run.progress,
+        objectives=objectives[: len(sources)] if config.mixed else None,
     )
     total_steps = config.train.max_steps
     if total_steps is None:
@@ -222,4 +252,6 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         max(int(dataset.vocab_size) for dataset in datasets),  # validation ids must fit the model too
         first.eos_id,
         first.tokenizer_path,
+        objectives if config.mixed else None,
+        names if config.mixed or isinstance(config.data.validation, list) else None,
     )

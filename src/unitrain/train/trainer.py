@@ -28,6 +28,7 @@ from unitrain.train import lora
 from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
+from unitrain.train.objectives import MixedObjectives
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
 from unitrain.train.policy import PolicyLogprobs, load_policy
 from unitrain.train.validation import Validation
@@ -68,8 +69,8 @@ class Trainer:
             require_wandb()
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
-        self._report_packing()
-        if context.is_main:  # what `unitrain score --held-out` reads
+        if context.is_main:  # how the rows are filled; and what `unitrain score --held-out` reads
+            print("\n".join(describe_rows(self.data)))
             write_validation_record(self.output_dir, self.data, config)
         base_dtype = lora.base_dtype(config, context.device)  # fp32 unless a frozen LoRA base is kept in bf16
         self.model = load_policy(config, self.data, base_dtype).to(context.device)
@@ -80,29 +81,23 @@ class Trainer:
         resuming = self.resume_from is not None
         self.lora = lora.LoraRun(config, self.model, self.output_dir, resuming) if config.lora.rank else None
         self.reference = None
-        if config.objective == "dpo":
+        if "dpo" in config.loss_weights:
             self.loss_config = config.preference_loss_config()
             self.reference = self._make_reference()
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
         self.validation = Validation(self)
+        self.mixed = MixedObjectives.attach(self)  # None unless several objectives or named validation sets
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
         sharded = config.parallel.fsdp and context.is_distributed
         self.optimizer = build_optimizer(self.model, config.optimizer, sharded=sharded)
-        self.step = 0
-        self.skipped = 0
+        self.step, self.skipped = 0, 0
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.autocast = torch.autocast(
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
         self._signal: str | None = None  # set by the handler on this rank
-        self._stopping = (
-            False  # agreed by all ranks in the step's reduction, so they all save and stop together
-        )
-
-    def _report_packing(self) -> None:
-        if self.context.is_main:
-            print("\n".join(describe_rows(self.data)))
+        self._stopping = False  # agreed by all ranks in the step's reduction: they all save and stop together
 
     def _make_reference(self):
         """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
@@ -118,7 +113,7 @@ class Trainer:
             return make_reference(
                 dpo.reference,
                 model_path=dpo.reference_model or self.config.model.path or self.output_dir / "initial",
-                datasets=self.data.datasets,
+                datasets=self.data.reference_datasets,
                 sequence_length=self.config.packing.sequence_length,
                 micro_batch_size=self.config.batch.micro_batch_size,
                 cache_dir=dpo.reference_cache_dir or self.output_dir / "reference-cache",
@@ -166,7 +161,7 @@ class Trainer:
                 meta={
                     "tokenizer_path": str(self.data.tokenizer_path) if self.data.tokenizer_path else None,
                     "eos_id": self.data.eos_id,
-                    "objective": self.config.objective,
+                    "objective": self.config.run_objective or "mixed",
                     "model_path": self.config.model.path,  # its generation_config.json goes into exports
                     **(self.lora.meta() if self.lora else {}),
                 },
@@ -220,6 +215,8 @@ class Trainer:
         """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), the listwise loss summed over its
         groups (None without one), and metric sums. `batch` is still on the CPU: its counts are read there,
         without waiting for the device."""
+        if self.config.mixed:
+            return self.mixed.batch_loss(module, batch, position)
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
         batch = batch.to(self.context.device)
         if self.config.objective != "dpo":
@@ -242,8 +239,9 @@ class Trainer:
         """One optimizer step; returns its metrics, or None when it was skipped (non-finite loss/gradient)."""
         started = time.perf_counter()
         step_batches = self.data.stream.next_step()
-        is_dpo = self.config.objective == "dpo"
-        denominator = max(step_batches.global_pairs if is_dpo else step_batches.global_targets, 1)
+        is_dpo, mixed = self.config.run_objective == "dpo", self.config.mixed
+        count = step_batches.global_pairs if is_dpo else step_batches.global_targets
+        denominator = self.mixed.set_step(step_batches) if mixed else max(count, 1)  # mixed: 1 (own counts)
         chosen_per_pair = (
             step_batches.global_chosen_targets / max(step_batches.global_pairs, 1) if is_dpo else None
         )
@@ -288,6 +286,7 @@ class Trainer:
         if is_dpo:
             metrics.update(preference_metrics(reduced))
             metrics["pairs_per_second"] = reduced["pairs"] / elapsed
+        metrics.update(self.mixed.metrics(reduced, elapsed) if mixed else {})
         return metrics
 
     def _clip_gradients(self) -> float:

@@ -51,6 +51,8 @@ class Validation:
         config, context, data = trainer.config, trainer.context, trainer.data
         if not data.validation:
             return {}
+        if trainer.mixed is not None:  # a mixed run, or named validation sets: each set under its name
+            return trainer.mixed.evaluate()
         # Under FSDP every rank runs every batch (the forward is collective); otherwise ranks split the batches.
         shard = not config.parallel.fsdp
         module = trainer.wrapped if config.parallel.fsdp else trainer.policy
