@@ -1,0 +1,169 @@
+"""Mixed runs: a step's loss and gradient equal Σ_o w_o · L_o computed from each objective's documents run alone,
+an objective at loss weight 0 gives the run without it exactly, and 2 gloo ranks give the 1-process run."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unitrain.config import config_to_yaml, parse_config
+from unitrain.data.epoch.rules import sft_document, sft_targets
+from unitrain.train import train
+from unitrain.train.data import load_training_data
+from unitrain.train.dist import DistContext
+from unitrain.train.metrics import read_metrics
+from unitrain.train.trainer import Trainer
+
+from .conftest import tiny_raw
+from .test_distributed import assert_same_run, launch
+from .test_pinned_runs import weights_digest
+
+WEIGHTS = {"dpo": 1.0, "pretrain": 0.3, "sft": 0.5}
+BETA = 0.1
+
+
+def mixed_raw(pretrain_data, sft_data, preference_data, output_dir, objectives=WEIGHTS, **sections):
+    raw = tiny_raw("dpo", preference_data, output_dir, **sections)
+    raw["objective"] = None
+    raw["data"]["train"] = [
+        {"path": str(preference_data), "objective": "dpo", "name": "pairs"},
+        {"path": str(pretrain_data), "objective": "pretrain", "weight": 0.5, "name": "text"},
+        {"path": str(sft_data), "objective": "sft", "weight": 0.5, "name": "chat"},
+    ]
+    raw["objectives"] = objectives
+    raw["dpo"] = {"beta": BETA}
+    return raw
+
+
+def logps_alone(model, tokens: np.ndarray, keep: np.ndarray) -> torch.Tensor:
+    """log p of tokens[keep] (k,) from a plain causal forward of `tokens` alone."""
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.int64)[None]
+    logps = torch.log_softmax(model(ids)[0].float(), dim=-1)  # (L, V)
+    keep = torch.as_tensor(keep, dtype=torch.int64)
+    return logps[keep - 1].gather(1, ids[0, keep, None])[:, 0]
+
+
+def pair_alone(model, sample) -> torch.Tensor:
+    """(chosen, rejected) summed log-probs, each prompt+response run alone."""
+    sums = []
+    for response in (sample.chosen_ids, sample.rejected_ids):
+        tokens = np.concatenate([sample.prompt_ids, response])
+        sums.append(logps_alone(model, tokens, np.arange(len(sample.prompt_ids), len(tokens))).sum())
+    return torch.stack(sums)
+
+
+def objectives_alone(model, reference, stream, rows) -> dict[str, torch.Tensor]:
+    """Each objective's mean over its own units among the documents of `rows` of the stream's plan, every
+    document run alone: L_pretrain and L_sft per target token, L_dpo per pair (sigmoid loss)."""
+    sums = {"pretrain": [], "sft": [], "dpo": []}
+    S = stream.sequence_length
+    for r in rows:
+        for document, part in stream.plan.row(r):
+            objective, sample = stream._objective_of(document), stream._sample(document)
+            if objective == "pretrain":
+                tokens = sample.token_ids[part * S : (part + 1) * S]
+                sums["pretrain"].append(logps_alone(model, tokens, np.arange(1, len(tokens))))
+            elif objective == "sft":
+                keep, _ = sft_targets(sample)
+                sums["sft"].append(logps_alone(model, sft_document(sample), keep))
+            else:
+                policy, ref = pair_alone(model, sample), pair_alone(reference, sample).detach()
+                margin = BETA * ((policy[0] - ref[0]) - (policy[1] - ref[1]))
+                sums["dpo"].append(-F.logsigmoid(margin)[None])
+    return {
+        name: -torch.cat(sums[name]).mean() if name != "dpo" else torch.cat(sums[name]).mean()
+        for name in sums
+    }
+
+
+def test_a_mixed_step_is_the_weighted_sum_of_each_objective_alone(
+    pretrain_data, sft_data, preference_data, tmp_path
+):
+    """2 ranks x 2 micro-batches of 2 rows (the ranks' streams built side by side in one process, as each rank
+    builds its own): Σ over ranks and micro-batches of the trainer's micro-batch losses, and their gradient, equal
+    Σ_o w_o · L_o of the same rows' documents run alone, each L_o over its own units (fp32, ≤ 1e-5)."""
+    raw = mixed_raw(pretrain_data, sft_data, preference_data, tmp_path)
+    raw["data"]["validation"] = None
+    config = parse_config(raw)
+    single = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    trainer = Trainer(config, single, resume=False)
+    reference = copy.deepcopy(trainer.model)  # the starting weights, which the trainer's reference holds
+    with torch.no_grad():  # the policy moves away from the reference: the DPO loss is not ln 2
+        for parameter in trainer.model.parameters():
+            parameter.add_(torch.randn_like(parameter, generator=None) * 0.05)
+    world = 2
+    total = torch.zeros(())
+    for rank in range(world):
+        context = DistContext(rank=rank, world_size=world, local_rank=0, device=torch.device("cpu"))
+        stream = load_training_data(config, context).stream
+        step = stream.next_step()
+        assert len(step.micro_batches) == 2 and step.global_lm_targets and step.global_sft_targets
+        trainer.mixed.set_step(step)
+        for batch in step.micro_batches:
+            loss, _, _ = trainer.mixed.batch_loss(trainer.policy, batch)
+            total = total + loss
+    trainer.model.zero_grad()
+    total.backward()
+    mixed_grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+
+    rows = range(2 * 2 * world)  # the step's rows of every rank, in the plan's (shuffled) order
+    alone = objectives_alone(trainer.model, reference, stream, rows)
+    expected = sum(WEIGHTS[name] * alone[name] for name in WEIGHTS)
+    trainer.model.zero_grad()
+    expected.backward()
+    torch.testing.assert_close(total, expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, parameter in trainer.model.named_parameters():
+        scale = float(parameter.grad.abs().max())
+        torch.testing.assert_close(mixed_grads[name], parameter.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_an_objective_at_weight_zero_gives_the_run_without_it(
+    pretrain_data, sft_data, preference_data, tmp_path
+):
+    """`{pretrain: 0}` leaves the pretraining data out: the same pairs are sampled, the same weights result."""
+    raw = mixed_raw(pretrain_data, sft_data, preference_data, tmp_path / "zero", {"pretrain": 0, "sft": 0})
+    train(parse_config(raw))
+    alone = tiny_raw("dpo", preference_data, tmp_path / "dpo", dpo={"beta": BETA})
+    alone["data"]["train"] = [{"path": str(preference_data), "name": "pairs"}]
+    train(parse_config(alone))
+    losses = [
+        [r["loss"] for r in read_metrics(p / "metrics.jsonl") if "loss" in r]
+        for p in (tmp_path / "zero", tmp_path / "dpo")
+    ]
+    assert losses[0] == losses[1]
+    assert weights_digest(tmp_path / "zero") == weights_digest(tmp_path / "dpo")
+
+
+def test_mixed_metrics_say_which_objective_had_no_example(pretrain_data, sft_data, preference_data, tmp_path):
+    train(parse_config(mixed_raw(pretrain_data, sft_data, preference_data, tmp_path, run={"eval_every": 3})))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    for row in steps:
+        assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
+        for prefix, unit in (("lm", "targets"), ("sft", "targets"), ("dpo", "pairs")):
+            assert (f"{prefix}/loss" in row) == (row[f"{prefix}/{unit}"] > 0)
+    evals = [r for r in rows if "eval/pairs/loss" in r]
+    assert len(evals) == 3 and all("eval/text/loss" in r and "eval/chat/loss" in r for r in evals)
+    assert evals[-1]["eval/pairs/rewards/accuracies"] >= evals[0]["eval/pairs/rewards/accuracies"]
+
+
+def test_two_gloo_ranks_match_one_process_in_a_mixed_run(pretrain_data, sft_data, preference_data, tmp_path):
+    sections = {"train": {"max_steps": 4}, "run": {"eval_every": 2}}
+    for name, processes, batch in (("one", 1, (1, 4)), ("two", 2, (1, 2))):
+        raw = mixed_raw(pretrain_data, sft_data, preference_data, tmp_path / name, **sections)
+        raw["batch"] = {"micro_batch_size": batch[0], "gradient_accumulation_steps": batch[1]}
+        (tmp_path / f"{name}.yaml").write_text(config_to_yaml(parse_config(raw)))
+        launch(tmp_path / f"{name}.yaml", processes)
+    keys = (
+        "loss",
+        "lm/loss",
+        "dpo/loss",
+        "rewards/accuracies",
+        "grad_norm",
+        "eval/pairs/loss",
+        "eval/text/loss",
+    )
+    assert_same_run(tmp_path / "two", tmp_path / "one", keys)
