@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -167,3 +168,60 @@ def test_two_gloo_ranks_match_one_process_in_a_mixed_run(pretrain_data, sft_data
         "eval/text/loss",
     )
     assert_same_run(tmp_path / "two", tmp_path / "one", keys)
+
+
+def test_a_mixed_run_caches_the_reference_of_its_preference_data_only(
+    pretrain_data, sft_data, preference_data, tmp_path
+):
+    """The cache holds the pair dataset's log-probs alone, and gives the run of a reference model."""
+    from safetensors import safe_open
+
+    from unitrain.data.memmap.reader import GPTMemmapDataset
+
+    runs = {}
+    for reference in ("model", "cached"):
+        raw = mixed_raw(pretrain_data, sft_data, preference_data, tmp_path / reference)
+        raw["dpo"]["reference"] = reference
+        train(parse_config(raw))
+        runs[reference] = read_metrics(tmp_path / reference / "metrics.jsonl")
+    with safe_open(
+        str(tmp_path / "cached" / "reference-cache" / "reference_logps.safetensors"), "pt"
+    ) as cache:
+        key = cache.metadata()
+    assert GPTMemmapDataset(preference_data).fingerprint in str(key)
+    assert GPTMemmapDataset(pretrain_data).fingerprint not in str(key)
+    for key in ("loss", "dpo/loss", "lm/loss", "eval/pairs/loss"):
+        got = [r[key] for r in runs["cached"] if key in r]
+        want = [r[key] for r in runs["model"] if key in r]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+
+
+def test_named_validation_sets_report_under_their_names(preference_data, tmp_path):
+    """A single-objective run given a list of sets reports each as `eval/NAME/...`, the values of `eval/...`."""
+    plain = tiny_raw("dpo", preference_data, tmp_path / "plain")
+    plain["data"]["validation"] = str(preference_data)
+    named = tiny_raw("dpo", preference_data, tmp_path / "named")
+    named["data"]["validation"] = [{"name": "held", "path": str(preference_data)}]
+    for raw in (plain, named):
+        raw["train"]["max_steps"] = 2
+        train(parse_config(raw))
+    final = [read_metrics(tmp_path / name / "metrics.jsonl")[-1] for name in ("plain", "named")]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "pairs"):
+        assert final[1][f"eval/held/{key}"] == pytest.approx(final[0][f"eval/{key}"], rel=1e-6)
+
+
+def test_the_plot_of_a_mixed_run_draws_each_objective(
+    pretrain_data, sft_data, preference_data, tmp_path, monkeypatch
+):
+    pytest.importorskip("matplotlib")
+    from .test_plot import figure_of, lines_of
+
+    train(parse_config(mixed_raw(pretrain_data, sft_data, preference_data, tmp_path, run={"eval_every": 3})))
+    figure = figure_of(tmp_path, monkeypatch)
+    loss = lines_of(next(axis for axis in figure.axes if axis.get_title() == "loss"))
+    wanted = {"train loss", "train lm/loss", "train sft/loss", "train dpo/loss"}
+    wanted |= {"validation pairs/loss", "validation text/loss", "validation chat/loss"}
+    assert wanted <= set(loss)
+    accuracy = lines_of(next(axis for axis in figure.axes if axis.get_title() == "reward accuracy"))
+    assert {"train rewards/accuracies", "validation pairs/rewards/accuracies"} <= set(accuracy)
+    assert "dpo" in figure.texts[0].get_text() and "0.3·pretrain" in figure.texts[0].get_text()

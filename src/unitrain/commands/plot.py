@@ -4,7 +4,8 @@ Panels: loss (train and validation), and for DPO reward accuracy, margins, and c
 says what a line measures (chosen green, rejected red), style says where (train: a line; validation: dashed with
 markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
 DPO loss, its value while the policy equals the reference). The title names the run and its objective, read
-from the config saved with its latest checkpoint. matplotlib is an optional extra (`pip install unitrain[plot]`),
+from the config saved with its latest checkpoint. A mixed run adds a line per objective (`lm/loss`, `sft/loss`,
+`dpo/loss`) and per validation set (`eval/NAME/loss`, `eval/NAME/rewards/...`). matplotlib is an optional extra (`pip install unitrain[plot]`),
 imported only here.
 """
 
@@ -37,6 +38,23 @@ def series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+def lines(rows: list[dict], name: str) -> list[tuple[str, str]]:
+    """(where, metric) of every line of metric `name`: the training line, in a mixed run each objective's loss,
+    the validation line and each named validation set's."""
+    keys = sorted({key for row in rows for key in row})
+    found = [("train", name)]
+    if name == "loss":
+        found += [("train", f"{prefix}/loss") for prefix in ("lm", "sft", "dpo") if f"{prefix}/loss" in keys]
+    found.append(("validation", f"eval/{name}"))
+    depth = name.count("/") + 2  # eval/NAME/<name>
+    found += [
+        ("validation", key)
+        for key in keys
+        if key.startswith("eval/") and key.endswith(f"/{name}") and key.count("/") == depth
+    ]
+    return found
+
+
 def _run_config(run_dir: Path) -> dict:
     """The run config saved with the latest checkpoint, or {} when there is none."""
     import yaml
@@ -50,7 +68,9 @@ def _run_config(run_dir: Path) -> dict:
 
 
 def _title(run_dir: Path, config: dict, rows: list[dict]) -> str:
-    parts = [str(run_dir), config.get("objective", "")]
+    parts = [str(run_dir), config.get("objective") or ""]
+    if config.get("objectives"):
+        parts.append(" + ".join(f"{weight:g}·{name}" for name, weight in config["objectives"].items()))
     if config.get("objective") == "dpo":
         dpo = config.get("dpo", {})
         parts.append(f"{dpo.get('loss')} loss, β {dpo.get('beta')}, reference {dpo.get('reference')}")
@@ -88,11 +108,15 @@ def run(args: argparse.Namespace) -> int:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for axis, (title, ylabel, names) in zip(axes[0], panels):
         for name in names:
-            for where, prefix in (("train", ""), ("validation", "eval/")):
-                steps, values = series(rows, prefix + name)
+            for where, key in lines(rows, name):
+                steps, values = series(rows, key)
                 if steps:
-                    colour = COLOURS.get(name, "tab:blue" if where == "train" else "tab:orange")
-                    axis.plot(steps, values, color=colour, label=f"{where} {name}", **STYLES[where])
+                    base = key in (name, f"eval/{name}")  # the run's own lines keep their colours
+                    colour = (
+                        COLOURS.get(name, "tab:blue" if where == "train" else "tab:orange") if base else None
+                    )
+                    label = f"{where} {name}" if base else f"{where} {key.removeprefix('eval/')}"
+                    axis.plot(steps, values, color=colour, label=label, **STYLES[where])
         _chance_lines(axis, title, config)
         axis.set_title(title)
         axis.set_xlabel("step")

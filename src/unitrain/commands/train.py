@@ -69,5 +69,20 @@ SUMMARY_KEYS = (
 
 
 def _validation_summary(metrics: dict[str, float]) -> str:
-    """The final validation metrics as one line, e.g. `loss 0.6440, reward accuracy 0.6444`."""
-    return ", ".join(f"{label} {metrics[key]:.4f}" for key, label in SUMMARY_KEYS if key in metrics)
+    """The final validation metrics as one line, e.g. `loss 0.6440, reward accuracy 0.6444`; named validation sets
+    (a mixed run's) each with their own, e.g. `pairs: loss 0.6440, ...; text: loss 2.5130`."""
+    sets = sorted({key.split("/")[1] for key in metrics if key.startswith("eval/") and key.count("/") >= 2})
+    sets = [name for name in sets if f"eval/{name}/loss" in metrics]
+    if not sets:
+        return ", ".join(f"{label} {metrics[key]:.4f}" for key, label in SUMMARY_KEYS if key in metrics)
+    return "; ".join(
+        f"{name}: "
+        + _validation_summary(
+            {
+                "eval/" + key.removeprefix(f"eval/{name}/"): v
+                for key, v in metrics.items()
+                if f"/{name}/" in key
+            }
+        )
+        for name in sets
+    )

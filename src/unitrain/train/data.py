@@ -96,6 +96,12 @@ def describe_rows(data: TrainingData) -> list[str]:
             f"; {counted(stream.dropped, unit)} of this epoch are not trained on: {need} more than "
             f"packing.sequence_length={length} slots (packing.sequence_length={fitting} would keep them all)"
         )
+    if data.objectives is not None:  # a mixed run: what each dataset gives an epoch
+        for (dataset, indices), wanted, objective in zip(stream.sources, stream.draws(), data.objectives):
+            repeats = f", each about {wanted / len(indices):.2g} times" if wanted > len(indices) else ""
+            lines.append(
+                f"{objective}: {dataset.path}: {wanted:,} documents an epoch, from {len(indices):,}{repeats}"
+            )
     if data.validation:
         lines.append(f"validation: all {counted(data.held_out, f'held-out {unit}')} are evaluated")
     return lines

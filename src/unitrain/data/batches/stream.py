@@ -162,13 +162,19 @@ class BatchStream:
                 )
         return self._plan
 
-    def _build(self) -> PackingPlan:
+    def draws(self) -> list[int]:
+        """Documents each source gives an epoch: `round(N · w_s / Σw)` (N: all sources' indices); a source asked
+        for more than it has repeats its documents (reshuffled each time)."""
         total = sum(len(indices) for _, indices in self.sources)
+        if len(self.sources) == 1:
+            return [len(self.sources[0][1])]
+        return [int(round(total * weight)) for weight in self.weights]
+
+    def _build(self) -> PackingPlan:
         planned, objectives = [], []
-        for source, ((dataset, indices), weight, offset) in enumerate(
-            zip(self.sources, self.weights, self.offsets)
+        for source, ((dataset, indices), wanted, offset) in enumerate(
+            zip(self.sources, self.draws(), self.offsets)
         ):
-            wanted = int(round(total * weight)) if len(self.sources) > 1 else len(indices)
             if wanted and len(indices):
                 planned.append((dataset, indices, wanted, int(offset)))
                 objectives.append(None if self.objectives is None else self.objectives[source])
