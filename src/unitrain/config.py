@@ -112,10 +112,8 @@ class TrainConfig(Section):
         if not self.loss_weights:
             raise ValueError("objectives: every objective has loss weight 0, nothing would train")
         for index, entry in enumerate(self.data.validation if isinstance(self.data.validation, list) else []):
-            if (entry.objective or self.objective) not in self.loss_weights:
-                raise ValueError(
-                    f"data.validation[{index}]: objective {entry.objective or self.objective} is not trained in this run"
-                )
+            if (entry.objective or self.objective) == "dpo" and "dpo" not in self.loss_weights:
+                raise ValueError(f"data.validation[{index}]: a dpo set needs dpo trained in this run")
         if self.mixed and isinstance(self.data.validation, str):
             raise ValueError(
                 "data.validation: a mixed run names its validation sets as a list of {name, path}"

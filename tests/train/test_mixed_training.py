@@ -225,3 +225,30 @@ def test_the_plot_of_a_mixed_run_draws_each_objective(
     accuracy = lines_of(next(axis for axis in figure.axes if axis.get_title() == "reward accuracy"))
     assert {"train rewards/accuracies", "validation pairs/rewards/accuracies"} <= set(accuracy)
     assert "dpo" in figure.texts[0].get_text() and "0.3·pretrain" in figure.texts[0].get_text()
+
+
+def test_a_dpo_run_validates_on_text_too(pretrain_data, preference_data, tmp_path):
+    """An LM validation set in a DPO run: its loss is the mean target NLL of the set under the policy."""
+    from unitrain.model import from_pretrained
+
+    raw = tiny_raw("dpo", preference_data, tmp_path)
+    raw["data"]["validation"] = [
+        {"name": "pairs", "path": str(preference_data)},
+        {"name": "text", "path": str(pretrain_data), "objective": "pretrain"},
+    ]
+    raw["train"]["max_steps"] = 2
+    train(parse_config(raw))
+    final = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    model = from_pretrained(tmp_path / "hf")
+    from unitrain.data.memmap.reader import GPTMemmapDataset
+
+    text = GPTMemmapDataset(pretrain_data)
+    with torch.no_grad():
+        nll = torch.cat(
+            [
+                -logps_alone(model, text[k].token_ids, np.arange(1, len(text[k].token_ids)))
+                for k in range(len(text))
+            ]
+        )
+    assert final["eval/text/loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert final["eval/text/targets"] == len(nll) and "eval/pairs/rewards/accuracies" in final

@@ -219,8 +219,6 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         validation.append((len(sources), np.arange(len(datasets[-1]))))
     for index, entry in enumerate(config.data.validation if isinstance(config.data.validation, list) else []):
         entry_objective = entry.objective or config.objective
-        if not config.mixed and entry_objective != objective:
-            raise UnitrainError(f"data.validation[{index}]: objective {entry_objective} in a {objective} run")
         datasets.append(_open_dataset(entry.path, f"data.validation[{index}]", entry_objective))
         validation.append((len(datasets) - 1, np.arange(len(datasets[-1]))))
         objectives.append(entry_objective)
@@ -258,6 +256,6 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         max(int(dataset.vocab_size) for dataset in datasets),  # validation ids must fit the model too
         first.eos_id,
         first.tokenizer_path,
-        objectives if config.mixed else None,
+        objectives if config.mixed or isinstance(config.data.validation, list) else None,
         names if config.mixed or isinstance(config.data.validation, list) else None,
     )

@@ -146,17 +146,20 @@ class MixedObjectives:
             codes = torch.full((batch.num_targets,), OBJECTIVE_CODES[objective], dtype=torch.long)
         batch = batch.to(trainer.context.device)
         codes = codes.to(trainer.context.device)
-        preference = "dpo" in self.weights and batch.num_responses > 0
+        active = (
+            self.weights if objective is None else {objective: 1.0}
+        )  # a validation set: its own objective
+        preference = "dpo" in active and batch.num_responses > 0
         # the reference first, so its buffers are gone before the policy keeps its activations
         reference = trainer.reference.response_logps(batch, position) if preference else None
         logps = module(batch).float()  # (N,)
         loss = logps.new_zeros(())
         sums.update(dict.fromkeys(self.sum_keys(self.weights), 0.0))
         for name in ("pretrain", "sft"):
-            if name in self.weights:
+            if name in active:
                 mine = codes == OBJECTIVE_CODES[name]
                 total = -logps[mine].sum()
-                loss = loss + self.weights[name] * total / max(counts[name], 1)
+                loss = loss + active[name] * total / max(counts[name], 1)
                 sums[f"{name}_loss"], sums[f"{name}_targets"] = total.detach(), int(mine.sum())
         if preference:
             from unitrain.train.preference_step import preference_loss_sums
@@ -168,7 +171,7 @@ class MixedObjectives:
             term = pair_loss / max(counts["pairs"], 1)
             if group_loss is not None:
                 term = term + group_loss / max(counts["groups"], 1)
-            loss = loss + self.weights["dpo"] * term
+            loss = loss + active["dpo"] * term
             sums.update(preference_sums, dpo_loss=pair_loss.detach())
             sums["dpo_targets"] = int((batch.target_response >= 0).sum())
         return loss, None, sums
