@@ -20,6 +20,7 @@ from unitrain.train.trainer import Trainer
 
 from .conftest import tiny_raw
 from .test_distributed import assert_same_run, launch
+from .test_e2e import hh_slice  # noqa: F401  (a fixture)
 from .test_pinned_runs import weights_digest
 
 WEIGHTS = {"dpo": 1.0, "pretrain": 0.3, "sft": 0.5}
@@ -252,3 +253,37 @@ def test_a_dpo_run_validates_on_text_too(pretrain_data, preference_data, tmp_pat
         )
     assert final["eval/text/loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
     assert final["eval/text/targets"] == len(nll) and "eval/pairs/rewards/accuracies" in final
+
+
+def test_dpo_with_lm_loss_on_hh_rlhf_through_the_cli(hh_slice, tmp_path):  # noqa: F811
+    """DPO on HH-RLHF pairs + 0.1 × LM loss on the same dialogues as plain text, through `unitrain train`: both
+    losses fall, the pairs' reward accuracy rises, and `unitrain plot` draws the run."""
+    from unitrain.cli import main
+
+    from .test_e2e import TINY_MODEL, training_pair_accuracy
+
+    raw = {
+        "model": {"config": TINY_MODEL},
+        "data": {
+            "train": [
+                {"path": str(hh_slice / "pairs"), "objective": "dpo", "name": "pairs"},
+                {"path": str(hh_slice / "text"), "objective": "pretrain", "name": "text"},
+            ],
+        },
+        "objectives": {"dpo": 1.0, "pretrain": 0.1},
+        "packing": {"sequence_length": 256},
+        "batch": {"micro_batch_size": 2, "gradient_accumulation_steps": 1},
+        "optimizer": {"lr": 1e-2, "weight_decay": 0.0},
+        "schedule": {"kind": "constant", "warmup_steps": 2},
+        "train": {"max_steps": 30, "seed": 0, "device": "cpu"},
+        "run": {"output_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+    }
+    (tmp_path / "run.yaml").write_text(config_to_yaml(parse_config(raw)))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    rows = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in row]
+    lm = [row["lm/loss"] for row in rows if "lm/loss" in row]
+    assert np.mean(lm[-5:]) < np.mean(lm[:5]) - 0.5
+    accuracy = training_pair_accuracy(tmp_path / "run", hh_slice / "pairs")
+    assert accuracy > 0.7  # chance is 0.5
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
                 steps, values = series(rows, key)
                 if steps:
                     base = key in (name, f"eval/{name}")  # the run's own lines keep their colours
-                    colour = (
-                        COLOURS.get(name, "tab:blue" if where == "train" else "tab:orange") if base else None
-                    )
+                    default = (
+                        ("tab:blue" if where == "train" else "tab:orange") if base else None
+                    )  # None: cycle
+                    colour = COLOURS.get(name, default)
                     label = f"{where} {name}" if base else f"{where} {key.removeprefix('eval/')}"
                     axis.plot(steps, values, color=colour, label=label, **STYLES[where])
         _chance_lines(axis, title, config)

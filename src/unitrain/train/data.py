@@ -98,7 +98,7 @@ def describe_rows(data: TrainingData) -> list[str]:
         )
     if data.objectives is not None:  # a mixed run: what each dataset gives an epoch
         for (dataset, indices), wanted, objective in zip(stream.sources, stream.draws(), data.objectives):
-            repeats = f", each about {wanted / len(indices):.2g} times" if wanted > len(indices) else ""
+            repeats = f" (repeated: {wanted / len(indices):.2f} times each)" if wanted > len(indices) else ""
             lines.append(
                 f"{objective}: {dataset.path}: {wanted:,} documents an epoch, from {len(indices):,}{repeats}"
             )
