@@ -287,3 +287,24 @@ def test_dpo_with_lm_loss_on_hh_rlhf_through_the_cli(hh_slice, tmp_path):  # noq
     assert accuracy > 0.7  # chance is 0.5
     assert main(["plot", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_stopped_mixed_run_resumes_exactly(pretrain_data, sft_data, preference_data, tmp_path):
+    """Stopped after step 3 and resumed: the losses and weights of the run that never stopped."""
+
+    def raw(output, steps):
+        config = mixed_raw(pretrain_data, sft_data, preference_data, output, run={"save_every": 3})
+        config["train"]["max_steps"] = steps
+        config["schedule"] = {"kind": "constant", "warmup_steps": 1}  # the same rates whatever max_steps
+        return parse_config(config)
+
+    train(raw(tmp_path / "full", 6))
+    train(raw(tmp_path / "stopped", 3))
+    resumed = raw(tmp_path / "stopped", 6)
+    train(resumed, resume=True)
+    losses = [
+        [r["loss"] for r in read_metrics(p / "metrics.jsonl") if "loss" in r]
+        for p in (tmp_path / "full", tmp_path / "stopped")
+    ]
+    assert losses[0][3:] == losses[1][3:]
+    assert weights_digest(tmp_path / "full") == weights_digest(tmp_path / "stopped")
