@@ -20,8 +20,20 @@ class ModelSection(Section):
     path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
     config: dict[str, Any] | None = Field(
         None,
-        description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
-        "`num_hidden_layers`); `vocab_size` defaults to the dataset's. Weights are randomly initialised.",
+        description="From-scratch architecture as Hugging Face `config.json` keys (e.g. `hidden_size`, "
+        "`num_hidden_layers`); a Llama unless `architectures` or `model_type` names another; `vocab_size` defaults "
+        "to the dataset's. Weights are randomly initialised.",
+    )
+    backend: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="`native`: unitrain's own decoder (Llama, Mistral, Qwen2, Qwen3); `transformers`: any decoder-only "
+        "causal LM transformers builds, with unitrain's attention inside it (docs/models.md); `auto`: native for "
+        "the four families it implements, transformers for every other.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run a checkpoint's own Python modeling code (`auto_map` in config.json; transformers backend). "
+        "Never done unless true.",
     )
 
     @model_validator(mode="after")
