@@ -366,6 +366,11 @@ def probe(model: HFCausalLM, source: str) -> None:
             ours = target_logprobs(hidden, weight, where, second[0, 1:], softcap=model.logit_softcap).logps
             logits = model(second)[0, :-1].float()  # (5, V) the model's own
             theirs = torch.log_softmax(logits, -1).gather(1, second[0, 1:, None]).squeeze(1)
+    except (RuntimeError, ValueError, IndexError) as error:  # e.g. a config whose shapes do not fit together
+        first_line = str(error).split("\n")[0]
+        raise UnitrainError(
+            f"{source}: a first forward of {model.config.architecture} fails ({first_line})"
+        ) from None
     finally:
         model.train(was_training)
     mixed = float((packed_hidden - hidden[0]).abs().max() / hidden.abs().max().clamp(min=1e-12))
