@@ -77,8 +77,8 @@ def test_dpo_logps_and_gradients_match_each_sequence_alone(models, pairs):
 
 
 def _lm_batch(dataset, objective: str):
-    from unitrain.data.packing import collate
-    from unitrain.data.plan import plan_rows
+    from unitrain.data.batches.collate import collate
+    from unitrain.data.epoch.plan import plan_rows
 
     layout = {"objective": objective, "mode": "packed", "share_prompt": False}
     plan = plan_rows(dataset, range(len(dataset)), sequence_length=48, **layout)
