@@ -274,7 +274,8 @@ class LoraSection(Section):
         list(LORA_TARGET_MODULES),
         description="Hugging Face projections that get an adapter, in every layer: "
         + ", ".join(f"`{name}`" for name in LORA_TARGET_MODULES)
-        + ".",
+        + " (unitrain's decoder); on the transformers backend the model's own linear modules by name (e.g. "
+        "`query_key_value` for GPT-NeoX), checked against the model when it is built.",
     )
     adapter: str | None = Field(
         None,
@@ -294,8 +295,8 @@ class LoraSection(Section):
     def _known_modules(cls, names: list[str]) -> list[str]:
         if not names:
             raise ValueError("name at least one module")
-        for name in names:
-            if name not in LORA_TARGET_MODULES:
+        for name in names:  # the model's own names on the transformers backend: checked against the model
+            if not name.isidentifier():
                 close = difflib.get_close_matches(name, LORA_TARGET_MODULES, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ValueError(f"unknown module '{name}' ({hint}valid: {', '.join(LORA_TARGET_MODULES)})")

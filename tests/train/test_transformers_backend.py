@@ -139,3 +139,48 @@ def test_pretraining_and_sft_train_with_activation_checkpointing(
         train(neox_config(tiny_config, data, output, objective, train=train_section))
         losses.append(step_losses(output))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
+def test_lora_dpo_exports_an_adapter_peft_loads_a_merge_transformers_loads_and_scores(
+    preference_data, tmp_path, tiny_config
+):
+    """LoRA on GPT-NeoX's own modules through the trainer: `hf/` is a PEFT adapter, `export --merge` a
+    transformers checkpoint, and `score` of either gives the log-probs of `peft` on transformers' own model,
+    one prompt + response at a time."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from unitrain.data.memmap import GPTMemmapDataset
+
+    lora = {"rank": 4, "alpha": 8.0, "target_modules": ["query_key_value", "dense"]}
+    run = tmp_path / "run"
+    train(neox_config(tiny_config, preference_data, run, lora=lora, train={"max_steps": 3}))
+    assert json.loads((run / "hf" / "adapter_config.json").read_text())["target_modules"] == [
+        "dense",
+        "query_key_value",
+    ]
+    assert main(["export", str(run), "--output", str(tmp_path / "merged"), "--merge"]) == 0
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")).__name__ == "GPTNeoXForCausalLM"
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(run / "initial"), run / "hf"
+    ).eval()
+    dataset = GPTMemmapDataset(preference_data)
+    for name, model in (("adapter", run / "hf"), ("merged", tmp_path / "merged")):
+        output = tmp_path / f"{name}.jsonl"
+        assert (
+            main(["score", "--model", str(model), "--data", str(preference_data), "--output", str(output)])
+            == 0
+        )
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        for index in range(0, len(rows), 7):
+            sample = dataset[index]
+            ids = torch.as_tensor(np.concatenate([sample.prompt_ids, sample.chosen_ids]), dtype=torch.int64)[
+                None
+            ]
+            with torch.no_grad():
+                logps = torch.log_softmax(peft_model(ids).logits[0, :-1].float(), -1)
+            start = len(sample.prompt_ids) - 1
+            expected = logps[start:].gather(1, ids[0, start + 1 :, None]).sum()
+            np.testing.assert_allclose(rows[index]["chosen_logp"], float(expected), rtol=1e-5, atol=1e-5)
