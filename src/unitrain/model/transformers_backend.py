@@ -224,6 +224,11 @@ class HFCausalLM(nn.Module):
         layout = plain_layout(input_ids, self.layer_windows)
         return self._run(layout, input_ids, layout.batch.position_ids, full=True).logits
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The decoder layers, each its own FSDP2 unit: the modules of the classes transformers keeps unsplit."""
+        names = set(getattr(self.hf, "_no_split_modules", None) or ())
+        return [module for module in self.hf.modules() if type(module).__name__ in names]
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         return self.hf.num_parameters(exclude_embeddings=exclude_embeddings)
 
