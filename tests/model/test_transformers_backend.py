@@ -46,6 +46,15 @@ def gradients(module: torch.nn.Module, loss: torch.Tensor, prefix: str = "") -> 
     }
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, especially on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def models(request):
     return build(request.param)
