@@ -170,3 +170,16 @@ def test_the_probe_catches_a_layer_that_mixes_the_row(monkeypatch):
 
 def _small() -> dict:
     return {key: value for key, value in ARCHITECTURES["llama"].items() if key != "model_type"}
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "qwen2_moe"])
+def test_attention_backends_agree_inside_a_transformers_model(architecture, pairs):
+    """dense (one (T, T) mask) = blocks on soft-capped, scaled, windowed layers; flex is checked in test_cuda."""
+    model, _ = build(architecture)
+    batch = packed_batch(pairs, "packed", True, sequence_length=40)
+    hidden = {}
+    for backend in ("dense", "blocks"):
+        model.attention_backend = backend
+        with torch.no_grad():
+            hidden[backend] = model.hidden_states(batch)[batch.document_id >= 0]
+    close(hidden["blocks"], hidden["dense"])
