@@ -12,9 +12,10 @@ implements.
 
 What cannot be trained exactly is refused in one line when the model is built, never trained wrong:
 encoder-decoder, vision-language and non-causal classes; remote code unless `trust_remote_code`; layers that are
-not attention (`layer_types`, or a probe: a document packed after another must get the log-probs it gets alone,
-which any state-space, convolution or linear-attention layer mixing the row breaks); attention that does not go
-through transformers' `AttentionInterface` (the probe counts the calls); an LM head with a bias. Dropout is set
+not attention (`layer_types`, or the probe of `transformers_probe.py`: a document packed after another must get
+the hidden states it gets alone, which any state-space, convolution or linear-attention layer mixing the row
+breaks); attention that does not go through transformers' `AttentionInterface` (the calls are counted); an LM
+head with a bias. Dropout is set
 to 0 (unitrain trains without dropout, as its native decoder has none).
 """
 
@@ -30,6 +31,7 @@ from torch import nn
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.model.hf_attention import PackedLayout, plain_layout, recompute_context, register, use_layout
+from unitrain.model.transformers_probe import probe
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # configuration keys of layers that are not attention (state-space, linear attention, convolutions)
@@ -65,7 +67,13 @@ class HFConfig:
 
     def to_hf(self) -> dict[str, Any]:
         hf = self.hf.to_dict()
-        for key in ("transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+        for key in (
+            "transformers_version",
+            "dtype",
+            "torch_dtype",
+            "_attn_implementation_autoset",
+            "_name_or_path",
+        ):
             hf.pop(key, None)
         hf["architectures"] = [self.architecture]
         return {**hf, BACKEND_KEY: "transformers"}
@@ -157,8 +165,7 @@ def _without_dropout(config: Any) -> Any:
     for key, value in config.to_dict().items():
         if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float) and value:
             setattr(config, key, 0.0)
-    config.use_cache = False
-    return config
+    return config  # use_cache stays as it is (exports keep it); every forward here passes use_cache=False
 
 
 class HFCausalLM(nn.Module):
@@ -337,56 +344,3 @@ def load_hf_model(
     model = _build(config, source, build)
     probe(model, source)
     return model.to(device) if device is not None else model
-
-
-def probe(model: HFCausalLM, source: str) -> None:
-    """Two tiny forwards in fp32: a document packed after another gets the hidden states it gets alone (no layer
-    mixes the row), every layer runs unitrain's attention (counted in `_run`), and the chunked head gives the
-    log-probs of the model's own logits. Skipped for weights on the meta device or not in fp32 (bf16 rounding
-    would hide a small leak)."""
-    from unitrain.losses.logprobs import target_logprobs
-
-    weight = model.lm_head_weight
-    if weight.device.type == "meta" or weight.dtype != torch.float32:
-        return
-    device = weight.device
-    ids = torch.randint(
-        0, min(model.config.vocab_size, 1000), (11,), generator=torch.Generator().manual_seed(0)
-    )
-    second = ids[5:].to(device)[None]  # (1, 6)
-    documents = torch.cat([torch.zeros(5), torch.ones(6)]).long()[None].to(device)
-    positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(device)
-    zeros = torch.zeros_like(second)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed = PackedBatch.layout_only(
-                ids.to(device)[None], positions, documents, torch.zeros_like(positions)
-            )
-            packed_hidden = model.hidden_states(packed)[0, 5:]  # (6, D)
-            alone = PackedBatch.layout_only(second, positions[:, 5:], zeros, zeros)
-            hidden = model.hidden_states(alone)  # (1, 6, D)
-            where = torch.arange(5, device=device)
-            ours = target_logprobs(hidden, weight, where, second[0, 1:], softcap=model.logit_softcap).logps
-            logits = model(second)[0, :-1].float()  # (5, V) the model's own
-            theirs = torch.log_softmax(logits, -1).gather(1, second[0, 1:, None]).squeeze(1)
-    except (RuntimeError, ValueError, IndexError) as error:  # e.g. a config whose shapes do not fit together
-        first_line = str(error).split("\n")[0]
-        raise UnitrainError(
-            f"{source}: a first forward of {model.config.architecture} fails ({first_line})"
-        ) from None
-    finally:
-        model.train(was_training)
-    mixed = float((packed_hidden - hidden[0]).abs().max() / hidden.abs().max().clamp(min=1e-12))
-    if not mixed <= 1e-4:
-        raise UnitrainError(
-            f"{source}: {model.config.architecture} gives a document packed after another other hidden states than "
-            f"the same document alone (relative difference {mixed:.1e}): a layer mixes the documents of a row"
-        )
-    error = float((ours - theirs).abs().max())
-    if not error <= 1e-4 * max(1.0, float(theirs.abs().max())):
-        raise UnitrainError(
-            f"{source}: {model.config.architecture}'s own logits differ from its hidden states times its LM head "
-            f"(log-prob difference {error:.1e}); its head transform is not supported"
-        )
