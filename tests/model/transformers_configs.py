@@ -53,6 +53,10 @@ ARCHITECTURES = {
         shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=4, max_window_layers=1,
         layer_types=["full_attention", "sliding_attention"],
     ),
+    "qwen2_yarn": dict(  # a native family with a feature the native decoder lacks: auto picks transformers
+        model_type="qwen2", **BASE,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    ),
     "llama": dict(model_type="llama", **BASE),
     "qwen3": dict(model_type="qwen3", **BASE, head_dim=16),
 }  # fmt: skip

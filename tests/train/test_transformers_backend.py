@@ -184,3 +184,15 @@ def test_lora_dpo_exports_an_adapter_peft_loads_a_merge_transformers_loads_and_s
             start = len(sample.prompt_ids) - 1
             expected = logps[start:].gather(1, ids[0, start + 1 :, None]).sum()
             np.testing.assert_allclose(rows[index]["chosen_logp"], float(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_and_bf16_autocast_train(group_data, preference_data, tmp_path, tiny_config):
+    """A listwise loss over groups of ranked responses, and a bf16-autocast DPO run, through GPT-NeoX."""
+    groups = {"loss": ["sigmoid", "plackett_luce"], "group_pairs": "all"}
+    result = train(
+        neox_config(tiny_config, group_data, tmp_path / "groups", dpo=groups, train={"max_steps": 3})
+    )
+    assert result.steps == 3 and np.isfinite(result.last_metrics["eval/loss"])
+    bf16 = {"max_steps": 3, "dtype": "bfloat16"}
+    result = train(neox_config(tiny_config, preference_data, tmp_path / "bf16", train=bf16))
+    assert result.steps == 3 and result.skipped_steps == 0 and np.isfinite(result.last_metrics["eval/loss"])
