@@ -183,3 +183,18 @@ def test_attention_backends_agree_inside_a_transformers_model(architecture, pair
         with torch.no_grad():
             hidden[backend] = model.hidden_states(batch)[batch.document_id >= 0]
     close(hidden["blocks"], hidden["dense"])
+
+
+def test_remote_code_runs_only_when_allowed(tmp_path):
+    import json
+
+    from unitrain.model import from_pretrained
+
+    model, _ = build("olmo2")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnitrainError, match="set model.trust_remote_code: true") as error:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(error.value) and "config.json" in str(error.value)
