@@ -102,7 +102,7 @@ def resolve_backend(hf: dict[str, Any], backend: str, source: str) -> str:
         return backend
     try:  # a native architecture with a feature the native decoder lacks (yarn RoPE, per-layer windows, ...)
         ModelConfig.from_hf(hf, source)
-    except UnitrainError as error:
+    except UnitrainError as error:  # but a config lacking a required field keeps the native decoder's error
         return "native" if "missing field" in str(error) else "transformers"
     return "native"
 
@@ -134,7 +134,8 @@ def check_config(config: Any, architecture: str, source: str) -> None:
         raise UnitrainError(
             f"{source}: {architecture} is a vision-language model; unitrain trains text-only LMs"
         )
-    if architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    remote = getattr(config, "auto_map", None)  # the checkpoint's own class (trust_remote_code was given)
+    if architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not remote:
         raise UnitrainError(
             f"{source}: {architecture} is not a causal LM class of transformers (expected a *ForCausalLM)"
         )
