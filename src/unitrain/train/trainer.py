@@ -122,6 +122,8 @@ class Trainer:
                 dtype=torch.bfloat16 if bf16 else torch.float32,
                 progress=self.config.run.progress and self.context.is_main,
                 adapter=None if dpo.reference_model or self.lora is None else self.config.lora.adapter,
+                backend=self.config.model.backend,
+                trust_remote_code=self.config.model.trust_remote_code,
             )
 
         if dpo.reference != "cached" or not self.context.is_distributed:
@@ -213,8 +215,7 @@ class Trainer:
         self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), the listwise loss summed over its
-        groups (None without one), and metric sums. `batch` is still on the CPU: its counts are read there,
-        without waiting for the device."""
+        groups (None without one), and metric sums; `batch` is still on the CPU, where its counts are read."""
         if self.config.mixed:
             return self.mixed.batch_loss(module, batch, position)
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
