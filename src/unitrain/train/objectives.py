@@ -16,6 +16,7 @@ keys in one all-reduce whatever their micro-batches hold.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -197,22 +198,21 @@ class MixedObjectives:
                 metrics[f"{prefix}/loss"] = reduced[f"{name}_loss"] / count
         return metrics
 
-    @property
+    @functools.cached_property
     def set_counts(self) -> list[dict[str, int]]:
         """Per validation set, its global counts (computed once: validation never changes)."""
-        if not hasattr(self, "_set_counts"):
-            data = self.trainer.data
-            self._set_counts = [
-                dict.fromkeys(("pretrain", "sft", "pairs", "chosen", "groups"), 0) for _ in data.validation
-            ]
-            where = {position: k for k, (position, _) in enumerate(data.validation)}
-            for position, batch in data.validation_batches():
-                counts = self._set_counts[where[position]]
-                wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)
-                counts["chosen"] += int(wins[batch.target_response[batch.target_response >= 0]].sum())
-                counts["pairs"] += batch.num_pairs
-                counts["groups"] += batch.num_groups
-        return self._set_counts
+        data = self.trainer.data
+        set_counts = [
+            dict.fromkeys(("pretrain", "sft", "pairs", "chosen", "groups"), 0) for _ in data.validation
+        ]
+        where = {position: k for k, (position, _) in enumerate(data.validation)}
+        for position, batch in data.validation_batches():
+            counts = set_counts[where[position]]
+            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)
+            counts["chosen"] += int(wins[batch.target_response[batch.target_response >= 0]].sum())
+            counts["pairs"] += batch.num_pairs
+            counts["groups"] += batch.num_groups
+        return set_counts
 
     def evaluate(self) -> dict[str, float]:
         """`eval/NAME/loss` (and for preference sets the DPO metrics under `eval/NAME/`) for every set."""
