@@ -152,8 +152,14 @@ def test_mixed_metrics_say_which_objective_had_no_example(pretrain_data, sft_dat
     assert evals[-1]["eval/pairs/rewards/accuracies"] >= evals[0]["eval/pairs/rewards/accuracies"]
 
 
-def test_two_gloo_ranks_match_one_process_in_a_mixed_run(pretrain_data, sft_data, preference_data, tmp_path):
-    sections = {"train": {"max_steps": 4}, "run": {"eval_every": 2}}
+@pytest.mark.parametrize(
+    "fsdp, lora", [(False, {}), (True, {"rank": 4, "alpha": 16.0})], ids=["ddp", "fsdp2-lora"]
+)
+def test_two_gloo_ranks_match_one_process_in_a_mixed_run(
+    fsdp, lora, pretrain_data, sft_data, preference_data, tmp_path
+):
+    """With FSDP2 and LoRA the adapter-off reference is a collective forward, made on every micro-batch."""
+    sections = {"train": {"max_steps": 4}, "run": {"eval_every": 2}, "parallel": {"fsdp": fsdp}, "lora": lora}
     for name, processes, batch in (("one", 1, (1, 4)), ("two", 2, (1, 2))):
         raw = mixed_raw(pretrain_data, sft_data, preference_data, tmp_path / name, **sections)
         raw["batch"] = {"micro_batch_size": batch[0], "gradient_accumulation_steps": batch[1]}
@@ -163,12 +169,12 @@ def test_two_gloo_ranks_match_one_process_in_a_mixed_run(pretrain_data, sft_data
         "loss",
         "lm/loss",
         "dpo/loss",
-        "rewards/accuracies",
+        "rewards/margins",  # not accuracies: at step 1 the rewards are 0 up to float rounding, their signs noise
         "grad_norm",
         "eval/pairs/loss",
         "eval/text/loss",
     )
-    assert_same_run(tmp_path / "two", tmp_path / "one", keys)
+    assert_same_run(tmp_path / "two", tmp_path / "one", keys, atol=5e-5 if lora else 1e-5)
 
 
 def test_a_mixed_run_caches_the_reference_of_its_preference_data_only(

@@ -78,8 +78,11 @@ class PreferenceReference:
         self.offsets = torch.from_numpy(np.asarray(data.stream.offsets, np.int64))
         self.shift = torch.from_numpy(np.cumsum(other) - other)  # other sources' documents before each source
 
-    def response_logps(self, batch: PackedBatch, position: int | None = None) -> torch.Tensor | None:
-        part = batch if self.kind in ("none", "cached") else preference_part(batch)
+    def response_logps(
+        self, batch: PackedBatch, position: int | None = None, whole: bool = False
+    ) -> torch.Tensor | None:
+        """`whole`: run on the whole batch (a collective forward that every rank must make, even without pairs)."""
+        part = batch if whole or self.kind in ("none", "cached") else preference_part(batch)
         if position is not None:
             return self.reference.response_logps(part, self.position[position])
         group = batch.group_index.cpu()
@@ -106,6 +109,10 @@ class MixedObjectives:
         self.weights = trainer.config.loss_weights
         self.counts: dict[str, int] = {}  # the step's (or validation set's) global counts
         self.listwise = False
+        sharded = trainer.config.parallel.fsdp and trainer.context.is_distributed
+        self.collective = (
+            sharded and trainer.lora is not None and "dpo" in self.weights and trainer.config.mixed
+        )
         if "dpo" in self.weights:
             from unitrain.losses.preference import GROUP_LOSSES
 
@@ -151,8 +158,14 @@ class MixedObjectives:
             self.weights if objective is None else {objective: 1.0}
         )  # a validation set: its own objective
         preference = "dpo" in active and batch.num_responses > 0
-        # the reference first, so its buffers are gone before the policy keeps its activations
-        reference = trainer.reference.response_logps(batch, position) if preference else None
+        # the reference first, so its buffers are gone before the policy keeps its activations; an adapter-off
+        # reference under FSDP is a collective forward: every rank makes it on every micro-batch
+        collective = self.collective and position is None
+        reference = None
+        if preference or collective:
+            reference = trainer.reference.response_logps(
+                batch, position, **({"whole": True} if collective else {})
+            )
         logps = module(batch).float()  # (N,)
         loss = logps.new_zeros(())
         sums.update(dict.fromkeys(self.sum_keys(self.weights), 0.0))
