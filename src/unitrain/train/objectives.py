@@ -154,9 +154,8 @@ class MixedObjectives:
             codes = torch.full((batch.num_targets,), OBJECTIVE_CODES[objective], dtype=torch.long)
         batch = batch.to(trainer.context.device)
         codes = codes.to(trainer.context.device)
-        active = (
-            self.weights if objective is None else {objective: 1.0}
-        )  # a validation set: its own objective
+        # a validation set (`objective` given) is evaluated with its own objective, unweighted
+        active = self.weights if objective is None else {objective: 1.0}
         preference = "dpo" in active and batch.num_responses > 0
         # the reference first, so its buffers are gone before the policy keeps its activations; an adapter-off
         # reference under FSDP is a collective forward: every rank makes it on every micro-batch
