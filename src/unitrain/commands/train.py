@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         summary = _validation_summary(result.last_metrics)
         if summary:
             print(f"validation ({_evaluated(result, config.objective)}): {summary}")
+        if result.memory:
+            print(result.memory)
     return 0
 
 
