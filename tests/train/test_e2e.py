@@ -197,6 +197,6 @@ def test_lora_sft_then_lora_dpo_from_the_sft_adapter(hh_slice, tmp_path, tiny_co
     rows = run_cli(tmp_path, tiny_config, "dpo", hh_slice / "pairs", steps=6, **start)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/chosen"] == rows[0]["rewards/rejected"] == 0.0
-    assert rows[-2]["rewards/chosen"] != 0.0  # the policy moved away from its SFT start (the last row: memory)
+    assert rows[-2]["rewards/chosen"] != 0.0  # moved away from its SFT start (the last row: peak memory)
     exported = json.loads((tmp_path / "dpo" / "hf" / "adapter_config.json").read_text())
     assert exported["base_model_name_or_path"] == str((tmp_path / "sft" / "initial").resolve())
