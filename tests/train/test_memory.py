@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import write_dataset
 from unitrain.train.dist import init_distributed
 from unitrain.train.memory import PhaseMemory
 from unitrain.train.trainer import Trainer, train
