@@ -93,7 +93,7 @@ def test_phase_peaks_nest_and_keep_their_highest():
         pass
     summary = memory.summary()
     assert summary["memory/step_rss_mib"] >= summary["memory/inner_rss_mib"] >= 64
-    assert summary["memory/peak_rss_mib"] == max(v for k, v in summary.items() if k != "memory/peak_rss_mib")
+    assert summary["memory/peak_rss_mib"] >= max(v for k, v in summary.items() if k != "memory/peak_rss_mib")
     with memory.phase("validation", exclusive=True), memory.phase("forward"):
         pass
     assert "memory/forward_rss_mib" not in memory.summary()
@@ -116,5 +116,5 @@ def test_a_run_reports_its_peak_memory_per_phase(preference_data, tmp_path, tiny
     )
     for phase in phases:
         assert last[f"memory/{phase}_rss_mib"] > 0, phase
-    assert last["memory/peak_rss_mib"] == max(last[f"memory/{phase}_rss_mib"] for phase in phases)
+    assert last["memory/peak_rss_mib"] >= max(last[f"memory/{phase}_rss_mib"] for phase in phases)
     assert result.memory.startswith("peak memory (MiB RSS): startup ")

@@ -65,6 +65,7 @@ class PhaseMemory:
         self.peaks: dict[str, dict[str, int]] = {}
         self._open: list[str] = []
         self._exclusive = False  # an exclusive phase is open
+        self._overall: dict[str, int] = {}  # also what ran between phases
 
     def _measure(self) -> dict[str, int]:
         if self.cuda:
@@ -83,6 +84,8 @@ class PhaseMemory:
     def _fold(self) -> None:
         """The peak since the last reset goes into every open phase; then the counter restarts from now."""
         measured = self._measure()
+        for key, value in measured.items():
+            self._overall[key] = max(self._overall.get(key, 0), value)
         for name in self._open:
             peaks = self.peaks.setdefault(name, {})
             for key, value in measured.items():
@@ -105,14 +108,15 @@ class PhaseMemory:
             self._exclusive = False
 
     def summary(self) -> dict[str, float]:
-        """`memory/<phase>_<kind>_mib` for every phase seen, plus `memory/peak_<kind>_mib` over all of them."""
+        """`memory/<phase>_<kind>_mib` for every phase seen, plus `memory/peak_<kind>_mib`: the peak since the
+        recorder started, phases and what ran between them. (Resetting VmHWM also resets what getrusage and a
+        parent's wait4 report as the process's peak: read this one instead.)"""
+        self._fold()
         out: dict[str, float] = {}
-        overall: dict[str, int] = {}
         for name, peaks in self.peaks.items():
             for key, value in peaks.items():
                 out[f"memory/{name}_{key}_mib"] = round(value / MIB, 1)
-                overall[key] = max(overall.get(key, 0), value)
-        for key, value in overall.items():
+        for key, value in self._overall.items():
             out[f"memory/peak_{key}_mib"] = round(value / MIB, 1)
         return out
 
