@@ -3,8 +3,10 @@
 Every run is a whole process (`unitrain train` through its CLI; TRL through this script's `--worker trl`), run back
 to back, and its peak RSS is the kernel's for that process alone (`os.wait4`). Both trainers get the same HH-RLHF
 pairs (the first `--pairs` whose prompt + longer response fit `--max-length` tokens of the model's tokenizer), the
-same pairs per optimizer step (4 per micro-batch, 2 micro-batches: unitrain in `pair` layout, one pair per row,
-prompt shared; TRL batch 4, accumulation 2), the same maximum length, fp32, AdamW, beta 0.1, sigmoid loss, an
+same pairs per optimizer step (TRL: batch 4, accumulation 2; unitrain, `packed` with the prompt shared, its
+defaults: one row per micro-batch, 2 micro-batches, the row length chosen so that the pairs fill 2 rows per step,
+so 8 pairs per step on average; `--layout pair`: exactly 4 pairs per micro-batch, one per row, each padded to the
+longest), the same maximum length, fp32, AdamW, beta 0.1, sigmoid loss, an
 online reference (full DPO: a frozen copy; LoRA: the adapters switched off). unitrain's per-phase peaks come from
 its own `metrics.jsonl`. Trade-off: a handful of steps, since TRL takes minutes per step on two cores; the peak
 is reached in the first step and the time per step is the mean over the steps after the first.
@@ -94,8 +96,8 @@ def unitrain_config(args, work: Path, name: str, variant: str, checkpointing: bo
         "objective": "dpo",
         "model": {"path": str(args.model)},
         "data": {"train": str(work / "train"), "validation": str(work / "val") if validation else None},
-        "packing": {"mode": "pair", "share_prompt": True, "sequence_length": args.row},
-        "batch": {"micro_batch_size": 4, "gradient_accumulation_steps": 2},
+        "packing": {"mode": args.layout, "share_prompt": True, "sequence_length": args.row},
+        "batch": {"micro_batch_size": 4 if args.layout == "pair" else 1, "gradient_accumulation_steps": 2},
         "dpo": {"beta": 0.1, "loss": "sigmoid", "reference": "model"},
         "optimizer": {"lr": 1e-6, "weight_decay": 0.0},
         "schedule": {"kind": "constant"},
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--pairs", type=int, default=16, help="training pairs (steps x 8 by default)")
     parser.add_argument("--validation-pairs", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=256, help="prompt + longer response, tokens")
+    parser.add_argument("--max-length", type=int, default=512, help="prompt + longer response, tokens")
+    parser.add_argument("--layout", choices=["packed", "pair"], default="packed", help="unitrain's rows")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated run names")
     parser.add_argument("--output", type=Path, default=None, help="results JSON")
@@ -211,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     from unitrain.data.memmap.reader import GPTMemmapDataset
 
-    args.row = -(-int(GPTMemmapDataset(work / "train").document_lengths.max()) // 8) * 8  # the longest pair
+    lengths = GPTMemmapDataset(work / "train").document_lengths  # prompt + chosen + rejected per pair
+    rows = 1 if args.layout == "pair" else 2 * args.steps  # packed: the pairs fill 2 rows per step
+    args.row = -(-max(int(lengths.max()), int(1.04 * lengths.sum() / rows)) // 8) * 8
     wanted = set(args.only.split(",")) if args.only else None
     results = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for name, trainer, variant, checkpointing, validation in RUNS:
@@ -244,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["peak_rss_mib"] = max(peak, entry["phases_rss_mib"].get("peak_rss_mib", 0.0))
             peak = entry["peak_rss_mib"]
         entry["step_seconds_mean"] = mean_after_first(entry["step_seconds"])
+        per_step = entry.get("pairs_per_step") or [8.0] * len(entry["step_seconds"])  # TRL: batch 4 x 2
+        entry["pairs_per_second"] = mean_after_first(per_step) / entry["step_seconds_mean"]
         results["runs"][name] = entry
-        print(f"{name}: peak RSS {peak:,.0f} MiB, {entry['step_seconds_mean']:.1f} s/step, wall {wall:.0f} s",
+        print(f"{name}: peak RSS {peak:,.0f} MiB, {entry['pairs_per_second']:.3f} pairs/s, wall {wall:.0f} s",
               flush=True)  # fmt: skip
     print_table(results["runs"])
     if args.output:
@@ -257,15 +264,15 @@ def print_table(runs: dict) -> None:
     pairs = {"full": ("trl-full", "unitrain-full"), "full, both checkpointing": ("trl-full", "unitrain-full-ckpt"),
              "full, neither checkpointing": ("trl-full-no-ckpt", "unitrain-full"),
              "LoRA": ("trl-lora", "unitrain-lora")}  # fmt: skip
-    print("| run | peak RSS MiB | s/step | wall s |\n|---|---:|---:|---:|")
-    for name, entry in runs.items():
-        print(
-            f"| {name} | {entry['peak_rss_mib']:,.0f} | {entry['step_seconds_mean']:.1f} | {entry['wall_seconds']:.0f} |"
-        )
+    print("| run | peak RSS MiB | pairs/s | s/step | pairs/step | wall s |\n|---|---:|---:|---:|---:|---:|")
+    for name, e in runs.items():
+        per_step = sum(e.get("pairs_per_step") or [8.0]) / len(e.get("pairs_per_step") or [8.0])
+        print(f"| {name} | {e['peak_rss_mib']:,.0f} | {e['pairs_per_second']:.3f} | {e['step_seconds_mean']:.1f} | "
+              f"{per_step:.1f} | {e['wall_seconds']:.0f} |")  # fmt: skip
     for label, (theirs, ours) in pairs.items():
         if theirs in runs and ours in runs:
             memory = runs[ours]["peak_rss_mib"] / runs[theirs]["peak_rss_mib"]
-            speed = runs[theirs]["step_seconds_mean"] / runs[ours]["step_seconds_mean"]
+            speed = runs[ours]["pairs_per_second"] / runs[theirs]["pairs_per_second"]
             print(f"{label}: unitrain/TRL peak RSS {memory:.2f}x, speed {speed:.1f}x")
     if "unitrain-lora" in runs and "unitrain-lora-val" in runs:
         ratio = runs["unitrain-lora-val"]["peak_rss_mib"] / runs["unitrain-lora"]["peak_rss_mib"]
