@@ -286,6 +286,8 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks."""
+        if not self.data.validation:
+            return {}
         with self.memory.phase("validation", exclusive=True):
             return self.validation.evaluate()
 
