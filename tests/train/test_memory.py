@@ -121,7 +121,7 @@ def test_a_run_reports_its_peak_memory_per_phase(preference_data, tmp_path, tiny
 
 
 def test_a_run_without_validation_reports_no_validation_phase(preference_data, tmp_path, tiny_config):
-    config = tiny_config("dpo", preference_data, tmp_path, data={"validation": None}, train={"max_steps": 1})
+    config = tiny_config("dpo", preference_data, tmp_path, data={"validation": None}, train={"max_steps": 2})
     train(config)
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "memory/backward_rss_mib" in last and "memory/validation_rss_mib" not in last
