@@ -21,8 +21,24 @@ class ModelSection(Section):
     config: dict[str, Any] | None = Field(
         None,
         description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
-        "`num_hidden_layers`); `vocab_size` defaults to the dataset's. Weights are randomly initialised.",
+        "`num_hidden_layers`; any key the architecture does not read is refused); `vocab_size` defaults to the "
+        "dataset's. Weights are randomly initialised.",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _known_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A key the architecture does not read would train a default-sized model: refused like any typo."""
+        from unitrain.model.config import HF_CONFIG_KEYS
+
+        for key in value or {}:
+            if key not in HF_CONFIG_KEYS:
+                close = difflib.get_close_matches(str(key), sorted(HF_CONFIG_KEYS), n=1, cutoff=0.5)
+                hint = (
+                    f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(HF_CONFIG_KEYS))}"
+                )
+                raise ValueError(f"unknown key '{key}' ({hint})")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

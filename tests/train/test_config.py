@@ -71,6 +71,20 @@ def test_unknown_key_suggests_closest(tmp_path, override, expected):
     assert "\n" not in str(error.value)
 
 
+def test_an_unknown_model_config_key_is_refused_with_the_closest_one(tmp_path):
+    """A typo in the free-form architecture mapping would train a default-sized model and export the typo."""
+    override = "model.config.num_hiden_layers=2"
+    with pytest.raises(UnitrainError) as error:
+        load_config(write(tmp_path, base()), [override])
+    assert str(error.value) == (
+        f"command line override '{override}': model.config: unknown key 'num_hiden_layers' "
+        "(did you mean 'num_hidden_layers'?)"
+    )
+    with pytest.raises(UnitrainError, match=r"model.config: unknown key 'zzz' \(valid: architectures, "):
+        parse_config(base(model={"config": {"hidden_size": 32, "zzz": 1}}))
+    assert parse_config(base(model={"config": {"hidden_size": 32, "rope_theta": 1e4}})).model.config
+
+
 def test_unknown_key_inside_blend_list():
     raw = base(data={"train": [{"path": "a", "weight": 2.0}, {"pth": "b"}]})
     with pytest.raises(UnitrainError, match=r"unknown key 'data.train.pth' \(did you mean 'data.train.path'"):
