@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -169,9 +171,16 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+# what pydantic adds to an error's location inside a union (`str`, `list[DataSource]`, `function-after[...]`)
+UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\]|[A-Z]\w*)$")
+
+
 def _problem(error: ValidationError) -> ConfigProblem:
-    first = error.errors()[0]
-    location = tuple(str(part) for part in first["loc"])
+    """The problem to report: within a union (`data.train`: a path or a list), the member that got furthest,
+    e.g. a negative weight in the blend list rather than 'Input should be a valid string'."""
+    errors = error.errors()
+    first = max(errors, key=lambda e: len(e["loc"]))
+    location = tuple(str(part) for part in first["loc"] if not UNION_TAG.match(str(part)))
     message = first["msg"].removeprefix("Value error, ")
     return ConfigProblem(f"{'.'.join(location)}: {message}" if location else message, location)
 
@@ -236,6 +245,48 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         override = _blamed_override(problem, list(overrides), states)
         source = path if override is None else OVERRIDE_SOURCE.format(override)
         raise UnitrainError(f"{source}: {problem}") from None
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value} (lists are one value)."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    dotted = lambda name: f"{prefix}.{name}" if prefix else str(name)  # noqa: E731
+    return {key: leaf for name, item in value.items() for key, leaf in _leaves(item, dotted(name)).items()}
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any], keys) -> str:
+    show = lambda value: json.dumps(value)  # noqa: E731
+    return ", ".join(f"{key} {show(before.get(key))} -> {show(after.get(key))}" for key in sorted(keys))
+
+
+def load_resume_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, list[str]]:
+    """`train --resume`: the run's own settings (its latest checkpoint's config.yaml) with the command-line
+    overrides applied on top, so the overrides that started the run need not be repeated; and the lines to tell
+    the user: what the overrides change, and what of the YAML file differs from the run and is not applied."""
+    from unitrain.train.checkpoint import latest_checkpoint
+
+    config = load_config(path, overrides)
+    latest = latest_checkpoint(config.run.output_dir)
+    if latest is None or not (latest / "config.yaml").is_file():
+        return config, []  # the trainer says that there is nothing to resume
+    stored_path = latest / "config.yaml"
+    resumed = load_config(stored_path, overrides)
+    resumed.run.output_dir = config.run.output_dir  # where the run is now, should it have moved
+    stored = _leaves(yaml.safe_load(stored_path.read_text()))
+    stored["run.output_dir"] = config.run.output_dir
+    now, given = _leaves(resumed.model_dump(mode="json")), _leaves(config.model_dump(mode="json"))
+    lines = [f"resuming {latest} with the run's own settings"]
+    changed = [key for key in stored.keys() | now.keys() if stored.get(key) != now.get(key)]
+    if changed:
+        lines[0] += f"; changed by the command line: {_changes(stored, now, changed)}"
+    ignored = [key for key in given.keys() | now.keys() if given.get(key) != now.get(key)]
+    if ignored:
+        lines.append(
+            f"{path} differs from the run's settings in {_changes(now, given, ignored)}: not applied on resume "
+            "(pass them as key=value overrides to change them)"
+        )
+    return resumed, lines
 
 
 def config_to_yaml(config: TrainConfig) -> str:

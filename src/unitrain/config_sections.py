@@ -7,6 +7,7 @@ adding a field, and its documentation comes with it.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -46,12 +47,29 @@ class ModelSection(Section):
             raise ValueError(
                 "set exactly one of model.path (a checkpoint) and model.config (an architecture)"
             )
+        path = None if self.path is None else Path(self.path)
+        if (
+            path is not None
+            and (path / "adapter_config.json").is_file()
+            and not (path / "config.json").is_file()
+        ):
+            raise ValueError(
+                f"{path} is a PEFT adapter directory, not a checkpoint: use lora.adapter={path} (with lora.rank "
+                "and lora.alpha of the adapter) and the base it was trained on as model.path"
+            )
         return self
 
 
 class DataSource(Section):
     path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
-    weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+    weight: float = Field(1.0, description="Sampling weight of this dataset in the blend (> 0).")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"weight must be > 0, got {value}")
+        return value
 
 
 class DataSection(Section):

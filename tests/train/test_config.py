@@ -85,6 +85,26 @@ def test_an_unknown_model_config_key_is_refused_with_the_closest_one(tmp_path):
     assert parse_config(base(model={"config": {"hidden_size": 32, "rope_theta": 1e4}})).model.config
 
 
+def test_a_negative_blend_weight_says_so(tmp_path):
+    raw = base(data={"train": [{"path": "a", "weight": 2.0}, {"path": "b", "weight": -1}]})
+    with pytest.raises(UnitrainError) as error:
+        load_config(write(tmp_path, raw))
+    assert str(error.value) == f"{tmp_path / 'run.yaml'}: data.train.1.weight: weight must be > 0, got -1.0"
+    with pytest.raises(UnitrainError, match=r"^config: data.train: Input should be a valid string$"):
+        parse_config(base(data={"train": 5}))  # neither member of the union: the first one's complaint
+
+
+def test_a_peft_adapter_directory_as_model_path_points_to_lora_adapter(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UnitrainError) as error:
+        parse_config(base(model={"path": str(tmp_path / "adapter")}))
+    assert f"is a PEFT adapter directory, not a checkpoint: use lora.adapter={tmp_path / 'adapter'}" in str(
+        error.value
+    )
+    assert str(error.value).startswith("config: model: ") and "\n" not in str(error.value)
+
+
 def test_unknown_key_inside_blend_list():
     raw = base(data={"train": [{"path": "a", "weight": 2.0}, {"pth": "b"}]})
     with pytest.raises(UnitrainError, match=r"unknown key 'data.train.pth' \(did you mean 'data.train.path'"):

@@ -246,6 +246,10 @@ def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_p
         train(tiny_config("dpo", pretrain_data, tmp_path))
     with pytest.raises(UnitrainError, match="objective pretrain needs a pretraining or sft dataset"):
         train(tiny_config("pretrain", preference_data, tmp_path))
+    with pytest.raises(
+        UnitrainError, match="objective sft needs an sft dataset .* got a pretraining dataset"
+    ):
+        train(tiny_config("sft", pretrain_data, tmp_path))  # nothing to mask: as docs/training.md says
     # SFT on a preference dataset trains on prompt + chosen
     result = train(tiny_config("sft", preference_data, tmp_path / "sft-pref", train={"max_steps": 2}))
     assert result.steps == 2
@@ -324,6 +328,15 @@ def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, t
     assert train(config, resume=True).steps == 2
     for name, tensor in load_file(tmp_path / "hf" / "model.safetensors").items():
         assert torch.equal(tensor, exported[name]), name
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_an_output_dir_that_is_a_file_is_one_line(pretrain_data, tmp_path, tiny_config, below):
+    (tmp_path / "taken").write_text("a file")
+    output = tmp_path / "taken" / below if below else tmp_path / "taken"
+    with pytest.raises(UnitrainError) as error:
+        train(tiny_config("pretrain", pretrain_data, output, train={"max_steps": 2}))
+    assert str(error.value) == f"run.output_dir {output}: {tmp_path / 'taken'} is a file, not a directory"
 
 
 def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):

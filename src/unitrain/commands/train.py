@@ -1,5 +1,8 @@
 """`unitrain train CONFIG [key=value ...] [--resume]`: validate the config, then run the trainer.
 
+`--resume` (anywhere on the line) continues the run in `run.output_dir` with the settings its latest checkpoint
+recorded; the overrides given now apply on top, and every setting they change is listed in one line.
+
 Works the same under `torchrun --nproc-per-node N -m unitrain train ...` (each rank runs this command). A run
 stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal number; `--resume` continues it.
 """
@@ -18,20 +21,32 @@ HELP = "train a model (pretraining, SFT or DPO) from a YAML config"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config (YAML); every key is listed in docs/configuration.md")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dpo.beta=0.2"
+        "overrides",
+        nargs="*",
+        default=[],  # optional: without a default, argparse lists them among the required arguments
+        metavar="key=value",
+        help="optional dotted overrides, e.g. dpo.beta=0.2",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint of the run"
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint of the run, with its settings (overrides apply on top); "
+        "accepted anywhere on the command line",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.config import load_config
+    from unitrain.config import load_config, load_resume_config
     from unitrain.train.trainer import train
 
-    config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume)
     reports = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 prints
+    if args.resume:
+        config, lines = load_resume_config(args.config, args.overrides)
+        if reports and lines:
+            print("\n".join(lines))
+    else:
+        config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
     if result.stopped_by is not None:
         if reports:
             print(

@@ -27,6 +27,13 @@ from unitrain.files import follow_umask, replace_path
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """A run's directory (or one above it) that exists as a file is one line, not a NotADirectoryError later."""
+    existing = next((path for path in (output_dir, *output_dir.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UnitrainError(f"run.output_dir {output_dir}: {existing} is a file, not a directory")
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

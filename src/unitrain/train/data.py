@@ -141,6 +141,12 @@ def _open_dataset(path: str, key: str, objective: str):
             f"{key} {path}: objective pretrain needs a pretraining or sft dataset, got a preference dataset "
             "(use objective sft to train on prompt+chosen)"
         )
+    if objective == "sft" and dataset.kind == "pretraining":
+        raise UnitrainError(
+            f"{key} {path}: objective sft needs an sft dataset (prompt masked by its loss-masking spans) or a "
+            "preference dataset (prompt + chosen), got a pretraining dataset; use objective pretrain to train on "
+            "every token"
+        )
     return dataset
 
 

@@ -53,6 +53,7 @@ class Trainer:
         self.config = config
         self.context = context
         self.output_dir = Path(config.run.output_dir)
+        ckpt.check_output_dir(self.output_dir)
         latest = ckpt.latest_checkpoint(self.output_dir)
         if latest is not None and not resume:
             raise UnitrainError(
@@ -96,9 +97,8 @@ class Trainer:
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
         self._signal: str | None = None  # set by the handler on this rank
-        self._stopping = (
-            False  # agreed by all ranks in the step's reduction, so they all save and stop together
-        )
+        # agreed by all ranks in the step's reduction, so they all save and stop together
+        self._stopping = False
 
     def _report_packing(self) -> None:
         if self.context.is_main:
