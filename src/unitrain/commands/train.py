@@ -80,6 +80,8 @@ SUMMARY_KEYS = (
     ("eval/loss", "loss"),
     ("eval/rewards/accuracies", "reward accuracy"),
     ("eval/rewards/margins", "reward margin"),
+    ("eval/rewards/ranking_accuracy", "ranking accuracy"),  # preference groups
+    ("eval/rewards/top1_accuracy", "top-1 accuracy"),
 )
 
 
