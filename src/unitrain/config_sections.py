@@ -18,7 +18,11 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint directory to start from (config.json + safetensors: a hub "
+        "snapshot, a run's `hf/`, an export); not a hub name, a `checkpoints/step-*` or a PEFT adapter.",
+    )
     config: dict[str, Any] | None = Field(
         None,
         description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
@@ -110,7 +114,12 @@ class PackingSection(Section):
         description="DPO only, `pair`/`packed`: store the prompt once per pair. `separate` always duplicates it.",
     )
     sequence_length: int = Field(
-        1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
+        1024,
+        gt=0,
+        description="Token slots per row. A longer pretraining document is cut into row-sized pieces; a longer "
+        "pair or group is split over a wide row (one row per part, each with its prompt), dropped only when a "
+        "response does not fit a row with its prompt (or, in `separate` mode, prompt + longest response does not "
+        "fit); a longer SFT document is dropped. The run's first lines count what is left out.",
     )
     window: int = Field(
         65536,

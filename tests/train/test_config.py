@@ -10,6 +10,7 @@ import yaml
 
 from unitrain.config import config_to_yaml, load_config, parse_config
 from unitrain.config_docs import configuration_markdown
+from unitrain.config_sections import PackingSection
 from unitrain.errors import UnitrainError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,6 +185,31 @@ def test_committed_configs_are_valid():
     assert len(configs) >= 4
     for path in configs:
         load_config(path)
+
+
+def test_the_docs_say_what_paths_mean_and_what_a_long_pair_becomes():
+    """The behaviour the docs describe: a pair longer than a row is split (tests/preference/test_packing.py), paths
+    resolve against the current directory, the forms model.path takes, and the real-model example with its
+    learning-rate guidance."""
+    training = (REPO / "docs" / "training.md").read_text()
+    description = PackingSection.model_fields["sequence_length"].description
+    assert (
+        "pair or group is split over a wide row" in description
+        and "documents/pairs are dropped" not in description
+    )
+    assert "a relative path resolves against the current directory" in training
+    assert "`model.path` is a local Hugging Face checkpoint directory" in training
+    example = REPO / "configs" / "smollm2-135m-lora-sft-cpu.yaml"
+    config = load_config(example)
+    assert (
+        config.model.path == "models/SmolLM2-135M-Instruct"
+        and config.lora.rank
+        and config.optimizer.lr == 2e-4
+    )
+    assert (
+        f"`configs/{example.name}`" in training
+        and "| LoRA adapters (`lora.rank` 8-16) | 1e-4 to 3e-4 |" in training
+    )
 
 
 def test_configuration_doc_is_up_to_date():
