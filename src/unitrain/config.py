@@ -2,7 +2,7 @@
 file plus dotted `key=value` overrides.
 
 Every field carries a description, so `docs/configuration.md` is generated from these models and cannot drift
-(`python -m unitrain.config docs/configuration.md`). Validation happens once, here, at the boundary: unknown
+(`python -m unitrain.config_docs docs/configuration.md`). Validation happens once, here, at the boundary: unknown
 keys are refused with the closest valid key, contradictions with a reason, and the trainer trusts what it gets.
 Trade-off: the models stay flat and explicit (one class per YAML section) rather than pluggable components, so
 adding an option means adding a field, and the docs follow automatically.
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import re
-import sys
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +33,7 @@ from unitrain.config_sections import (
     Section,
     TrainSection,
     WandbSection,
+    model_classes,
 )
 from unitrain.errors import UnitrainError
 
@@ -113,13 +111,6 @@ class TrainConfig(Section):
             raise ValueError(f"dpo: {error}") from None
 
 
-def _model_classes(annotation: Any) -> list[type[BaseModel]]:
-    """BaseModel classes reachable in a field annotation (through unions, lists and tuples)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
-
-
 class ConfigProblem(UnitrainError):
     """A config that does not validate; `location` is the dotted key path of the problem (empty: several keys)."""
 
@@ -128,21 +119,27 @@ class ConfigProblem(UnitrainError):
         self.location = location
 
 
+def _refuse_unknown(raw: dict, valid: list[str], prefix: str) -> None:
+    for key in raw:
+        if key not in valid:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
+
+
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
-    """Refuse unknown keys before pydantic sees them, naming the closest valid key."""
+    """Refuse unknown keys before pydantic sees them, naming the closest valid key; in `model.config` too, where
+    a key the architecture does not read would train a default-sized model."""
     if not isinstance(raw, dict):
         return
+    _refuse_unknown(raw, list(model.model_fields), prefix)
+    if model is ModelSection and isinstance(raw.get("config"), dict):
+        from unitrain.model.config import HF_CONFIG_KEYS
+
+        _refuse_unknown(raw["config"], sorted(HF_CONFIG_KEYS), f"{prefix}config.")
     for key, value in raw.items():
-        if key not in model.model_fields:
-            full = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.5)
-            hint = (
-                f" (did you mean '{prefix}{close[0]}'?)"
-                if close
-                else f" (valid: {', '.join(model.model_fields)})"
-            )
-            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
-        for sub_model in _model_classes(model.model_fields[key].annotation):
+        for sub_model in model_classes(model.model_fields[key].annotation):
             items = value if isinstance(value, list) else [value]
             for item in items:
                 _check_keys(item, sub_model, f"{prefix}{key}.")
@@ -247,53 +244,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise UnitrainError(f"{source}: {problem}") from None
 
 
-def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: value} (lists are one value)."""
-    if not isinstance(value, dict) or not value:
-        return {prefix: value}
-    dotted = lambda name: f"{prefix}.{name}" if prefix else str(name)  # noqa: E731
-    return {key: leaf for name, item in value.items() for key, leaf in _leaves(item, dotted(name)).items()}
-
-
-def _changes(before: dict[str, Any], after: dict[str, Any], keys) -> str:
-    show = lambda value: json.dumps(value)  # noqa: E731
-    return ", ".join(f"{key} {show(before.get(key))} -> {show(after.get(key))}" for key in sorted(keys))
-
-
-def load_resume_config(path: str | Path, overrides: list[str] = ()) -> tuple[TrainConfig, list[str]]:
-    """`train --resume`: the run's own settings (its latest checkpoint's config.yaml) with the command-line
-    overrides applied on top, so the overrides that started the run need not be repeated; and the lines to tell
-    the user: what the overrides change, and what of the YAML file differs from the run and is not applied."""
-    from unitrain.train.checkpoint import latest_checkpoint
-
-    config = load_config(path, overrides)
-    latest = latest_checkpoint(config.run.output_dir)
-    if latest is None or not (latest / "config.yaml").is_file():
-        return config, []  # the trainer says that there is nothing to resume
-    stored_path = latest / "config.yaml"
-    resumed = load_config(stored_path, overrides)
-    resumed.run.output_dir = config.run.output_dir  # where the run is now, should it have moved
-    stored = _leaves(yaml.safe_load(stored_path.read_text()))
-    stored["run.output_dir"] = config.run.output_dir
-    now, given = _leaves(resumed.model_dump(mode="json")), _leaves(config.model_dump(mode="json"))
-    lines = [f"resuming {latest} with the run's own settings"]
-    changed = [key for key in stored.keys() | now.keys() if stored.get(key) != now.get(key)]
-    if changed:
-        lines[0] += f"; changed by the command line: {_changes(stored, now, changed)}"
-    ignored = [key for key in given.keys() | now.keys() if given.get(key) != now.get(key)]
-    if ignored:
-        lines.append(
-            f"{path} differs from the run's settings in {_changes(now, given, ignored)}: not applied on resume "
-            "(pass them as key=value overrides to change them)"
-        )
-    return resumed, lines
-
-
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-if __name__ == "__main__":
-    from unitrain.config_docs import configuration_markdown
-
-    Path(sys.argv[1]).write_text(configuration_markdown())

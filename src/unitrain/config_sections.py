@@ -7,10 +7,18 @@ adding a field, and its documentation comes with it.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """BaseModel classes reachable in a field annotation (through unions, lists and tuples)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [cls for arg in typing.get_args(annotation) for cls in model_classes(arg)]
 
 
 class Section(BaseModel):
@@ -29,21 +37,6 @@ class ModelSection(Section):
         "`num_hidden_layers`; any key the architecture does not read is refused); `vocab_size` defaults to the "
         "dataset's. Weights are randomly initialised.",
     )
-
-    @field_validator("config")
-    @classmethod
-    def _known_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A key the architecture does not read would train a default-sized model: refused like any typo."""
-        from unitrain.model.config import HF_CONFIG_KEYS
-
-        for key in value or {}:
-            if key not in HF_CONFIG_KEYS:
-                close = difflib.get_close_matches(str(key), sorted(HF_CONFIG_KEYS), n=1, cutoff=0.5)
-                hint = (
-                    f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(HF_CONFIG_KEYS))}"
-                )
-                raise ValueError(f"unknown key '{key}' ({hint})")
-        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

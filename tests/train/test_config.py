@@ -78,10 +78,10 @@ def test_an_unknown_model_config_key_is_refused_with_the_closest_one(tmp_path):
     with pytest.raises(UnitrainError) as error:
         load_config(write(tmp_path, base()), [override])
     assert str(error.value) == (
-        f"command line override '{override}': model.config: unknown key 'num_hiden_layers' "
-        "(did you mean 'num_hidden_layers'?)"
+        f"command line override '{override}': unknown key 'model.config.num_hiden_layers' "
+        "(did you mean 'model.config.num_hidden_layers'?)"
     )
-    with pytest.raises(UnitrainError, match=r"model.config: unknown key 'zzz' \(valid: architectures, "):
+    with pytest.raises(UnitrainError, match=r"unknown key 'model.config.zzz' \(valid: architectures, "):
         parse_config(base(model={"config": {"hidden_size": 32, "zzz": 1}}))
     assert parse_config(base(model={"config": {"hidden_size": 32, "rope_theta": 1e4}})).model.config
 
@@ -215,7 +215,7 @@ def test_the_docs_say_what_paths_mean_and_what_a_long_pair_becomes():
 def test_configuration_doc_is_up_to_date():
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == configuration_markdown(), (
-        "regenerate: python -m unitrain.config docs/configuration.md"
+        "regenerate: python -m unitrain.config_docs docs/configuration.md"
     )
     for key in (
         "dpo.reference_model",

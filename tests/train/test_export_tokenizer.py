@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from unitrain.cli import main
+from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import DatasetWriter
 from unitrain.train import train
 
 from .conftest import VOCAB

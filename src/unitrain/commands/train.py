@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from pathlib import Path
+from typing import Any
 
 from unitrain.text import counted
 
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.config import load_config, load_resume_config
+    from unitrain.config import load_config
     from unitrain.train.trainer import train
 
     reports = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 prints
@@ -64,6 +66,53 @@ def run(args: argparse.Namespace) -> int:
         if summary:
             print(f"validation ({_evaluated(result, config.objective)}): {summary}")
     return 0
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value} (lists are one value)."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    dotted = lambda name: f"{prefix}.{name}" if prefix else str(name)  # noqa: E731
+    return {key: leaf for name, item in value.items() for key, leaf in _leaves(item, dotted(name)).items()}
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any], keys) -> str:
+    import json
+
+    show = lambda value: json.dumps(value)  # noqa: E731
+    return ", ".join(f"{key} {show(before.get(key))} -> {show(after.get(key))}" for key in sorted(keys))
+
+
+def load_resume_config(path: str | Path, overrides: list[str] = ()) -> tuple[object, list[str]]:
+    """`train --resume`: the run's own settings (its latest checkpoint's config.yaml) with the command-line
+    overrides applied on top, so the overrides that started the run need not be repeated; and the lines to tell
+    the user: what the overrides change, and what of the YAML file differs from the run and is not applied."""
+    import yaml
+
+    from unitrain.config import load_config
+    from unitrain.train.checkpoint import latest_checkpoint
+
+    config = load_config(path, overrides)
+    latest = latest_checkpoint(config.run.output_dir)
+    if latest is None or not (latest / "config.yaml").is_file():
+        return config, []  # the trainer says that there is nothing to resume
+    stored_path = latest / "config.yaml"
+    resumed = load_config(stored_path, overrides)
+    resumed.run.output_dir = config.run.output_dir  # where the run is now, should it have moved
+    stored = _leaves(yaml.safe_load(stored_path.read_text()))
+    stored["run.output_dir"] = config.run.output_dir
+    now, given = _leaves(resumed.model_dump(mode="json")), _leaves(config.model_dump(mode="json"))
+    lines = [f"resuming {latest} with the run's own settings"]
+    changed = [key for key in stored.keys() | now.keys() if stored.get(key) != now.get(key)]
+    if changed:
+        lines[0] += f"; changed by the command line: {_changes(stored, now, changed)}"
+    ignored = [key for key in given.keys() | now.keys() if given.get(key) != now.get(key)]
+    if ignored:
+        lines.append(
+            f"{path} differs from the run's settings in {_changes(now, given, ignored)}: not applied on resume "
+            "(pass them as key=value overrides to change them)"
+        )
+    return resumed, lines
 
 
 def _evaluated(result, objective: str) -> str:
