@@ -112,6 +112,31 @@ def test_a_resume_takes_the_run_settings_and_lists_what_the_command_line_changes
     ]  # past warmup: the peak
 
 
+def test_a_resume_on_changed_data_names_the_dataset(pretrain_data, tmp_path, tiny_config):
+    import shutil
+
+    from unitrain.data.memmap.reader import GPTMemmapDataset
+    from unitrain.data.memmap.writer import write_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(pretrain_data, data)
+    train(tiny_config("pretrain", data, tmp_path / "run", train={"max_steps": 2}))
+    source = GPTMemmapDataset(pretrain_data)
+    write_dataset(
+        data,
+        [source[k] for k in range(1, len(source))],
+        "pretraining",
+        vocab_size=48,
+        eos_id=0,
+        overwrite=True,
+    )
+    with pytest.raises(UnitrainError) as error:
+        train(tiny_config("pretrain", data, tmp_path / "run", train={"max_steps": 3}), resume=True)
+    assert str(error.value).startswith(
+        f"cannot resume the data stream: dataset {data} changed since the checkpoint"
+    )
+
+
 def test_resuming_a_finished_run_logs_nothing_twice(preference_data, tmp_path, tiny_config, capsys):
     config = tiny_config("dpo", preference_data, tmp_path, train={"max_steps": 3}, run={"eval_every": 2})
     first = train(config)

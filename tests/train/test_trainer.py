@@ -330,6 +330,16 @@ def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, t
         assert torch.equal(tensor, exported[name]), name
 
 
+def test_raw_rows_as_data_train_say_to_prepare_them_first(tmp_path, tiny_config):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    for raw in (tmp_path / "pairs.jsonl", tmp_path):  # the file, or the directory holding it
+        with pytest.raises(UnitrainError) as error:
+            train(tiny_config("dpo", raw, tmp_path / "run"))
+        assert str(error.value) == (
+            f"{raw}: not a prepared dataset (no metadata.json); run `unitrain prepare` first to tokenize it"
+        )
+
+
 @pytest.mark.parametrize("below", ["", "run"])
 def test_an_output_dir_that_is_a_file_is_one_line(pretrain_data, tmp_path, tiny_config, below):
     (tmp_path / "taken").write_text("a file")

@@ -231,10 +231,21 @@ class BatchStream:
         mine = self.state_dict()
         state = {"group_pairs": "best_vs_rest", **state}  # saved before groups existed: pairs, one per group
         keys = ("seed", "sequence_length", "window", "objective", "mode", "share_prompt", "group_pairs")
-        for key in (*keys, "fingerprints"):
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise UnitrainError(
                     f"cannot resume the data stream: {key} was {state.get(key)!r} and is now {mine[key]!r}"
+                )
+        was, now = state.get("fingerprints") or [], mine["fingerprints"]
+        if len(was) != len(now):
+            raise UnitrainError(
+                f"cannot resume the data stream: {len(was)} datasets were trained on, now {len(now)}"
+            )
+        for (dataset, _), old, new in zip(self.sources, was, now):
+            if old != new:
+                raise UnitrainError(
+                    f"cannot resume the data stream: dataset {getattr(dataset, 'path', '?')} changed since the "
+                    f"checkpoint (fingerprint {old[:12]}, now {new[:12]}): prepared again, or another dataset"
                 )
         self.epoch = int(state["epoch"])
         if not 0 <= int(state["row"]) <= len(self.plan):

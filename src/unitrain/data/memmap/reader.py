@@ -183,7 +183,9 @@ class GPTMemmapDataset:
         self.path = Path(path)
         metadata_path = self.path / "metadata.json"
         if not metadata_path.is_file():
-            raise UnitrainError(f"{self.path}: not a prepared dataset (no metadata.json)")
+            raw = self.path.is_file() or any(self.path.glob("*.json*")) or any(self.path.glob("*.parquet"))
+            hint = "; run `unitrain prepare` first to tokenize it" if raw else ""
+            raise UnitrainError(f"{self.path}: not a prepared dataset (no metadata.json){hint}")
         try:
             self.metadata = json.loads(metadata_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
