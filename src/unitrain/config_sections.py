@@ -75,8 +75,13 @@ class DataSection(Section):
     )
     validation: str | float | None = Field(
         None,
-        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
-        "none disables validation.",
+        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out "
+        "(every copy of a held-out document or pair with it, so none is trained on); none disables validation.",
+    )
+    drop_duplicates: bool = Field(
+        False,
+        description="Train (and validate) on the first copy only of documents or pairs that occur several times "
+        "in a dataset (same tokens; `unitrain prepare` reports how many).",
     )
     allow_tokenizer_mismatch: bool = Field(
         False,

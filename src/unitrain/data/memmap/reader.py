@@ -246,6 +246,15 @@ class GPTMemmapDataset:
             lengths[at] = self._shards[k].offsets[local + 1] - self._shards[k].offsets[local]
         return lengths
 
+    def content_hashes(self) -> np.ndarray:
+        """(N,) uint64 hash of each document's tokens (and of where a pair's responses begin): equal for copies of
+        one document or pair, so duplicates are found, and held out together, without reading a sample."""
+
+        def of_shard(shard: _Shard) -> np.ndarray:
+            return columns.content_hashes(shard.tokens, shard.offsets, shard.preference)
+
+        return self._column("content_hashes", of_shard)
+
     @property
     def preference_spans(self) -> np.ndarray:
         """(N, 2) int32 chosen begin, rejected begin of each pair (zero-copy for one shard); preference only."""
