@@ -192,7 +192,9 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         indices = np.arange(len(dataset))
         if isinstance(config.data.validation, float):
             content = dataset.content_hashes()  # every copy of a held-out item is held out with it
-            indices, held_out = split_indices(len(dataset), config.data.validation, config.train.seed, content)
+            indices, held_out = split_indices(
+                len(dataset), config.data.validation, config.train.seed, content
+            )
             held_out = first_copies(content, held_out) if config.data.drop_duplicates else held_out
             validation.append((index, held_out))
         if config.data.drop_duplicates:

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from unitrain.data.memmap.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.data.prepare.tokenize import TextTokenizer
 from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
@@ -204,10 +206,14 @@ def _assemble(
         total.merge(UnitReport(unit_metadata["unit"]["report"]))
     if total.documents == 0:
         shutil.rmtree(work, ignore_errors=True)
-        reasons = ", ".join(f"{reason} ({count})" for reason, count in total.dropped.most_common(3))
+        reasons = ", ".join(
+            f"{reason} ({count}{_field_of(total.examples.get(reason, []))})"
+            for reason, count in total.dropped.most_common(3)
+        )
         raise UnitrainError(f"{', '.join(config.inputs)}: all {total.rows} rows were dropped: {reasons}")
     report = {
         "schema": schema,
+        "kind": run["kind"],
         "inputs": len({unit.source for unit in units}),
         "rows": total.rows,
         "documents": total.documents,
@@ -222,6 +228,7 @@ def _assemble(
         "split_extra_pieces": total.counters.extra_pieces,
         "ignored_loss_masking_spans": total.counters.ignored_spans,
         "ignored_loss_masking_spans_rows": total.counters.ignored_span_rows,
+        "duplicate_documents": _copies(work, len(metadata)),
         "seconds": round(time.perf_counter() - started, 3),
     }
     with DatasetWriter(
@@ -262,6 +269,19 @@ def _assemble(
     for leftover in [work, *output.parent.glob(f".{output.name}.prepare-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # this run's units, and those of interrupted earlier runs
     return report
+
+
+def _field_of(examples: list[dict]) -> str:
+    """`; field 'text'`: the field the first dropped rows of a reason name, if any."""
+    named = sorted({example["field"] for example in examples if example.get("field")})
+    return f"; field {', '.join(repr(name) for name in named)}" if named else ""
+
+
+def _copies(work: Path, units: int) -> int:
+    """Documents (pairs, groups) whose tokens an earlier one of the dataset already has, over every unit."""
+    hashes = [GPTMemmapDataset(unit_dir(work, number)).content_hashes() for number in range(units)]
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    return int(len(hashes) - len(np.unique(hashes)))
 
 
 def _write_tokenizer_config(directory: Path, tokenizer: TextTokenizer) -> None:
@@ -306,6 +326,12 @@ def summary(report: dict, output: str) -> str:
         )
     if report.get("skipped_responses"):
         lines.append(f"  left out {report['skipped_responses']:,} null or empty responses of groups")
+    if report.get("duplicate_documents"):
+        unit = "pairs or groups" if report.get("kind") == "preference" else "documents"
+        lines.append(
+            f"  {report['duplicate_documents']:,} {unit} are copies of an earlier one (same tokens): validation "
+            "holds out all copies together; data.drop_duplicates trains on one of each"
+        )
     if report["split_documents"]:
         lines.append(f"  split {report['split_documents']:,} documents longer than max_length")
     if report["ignored_loss_masking_spans"]:
