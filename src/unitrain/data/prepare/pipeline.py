@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unitrain.data.memmap.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
 from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.data.memmap.writer import DatasetWriter
+from unitrain.data.prepare.checks import WARNINGS
 from unitrain.data.prepare.tokenize import TextTokenizer
 from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
 from unitrain.data.rows.inputs import Unit, read_unit, resolve_units, signature
@@ -229,6 +230,8 @@ def _assemble(
         "ignored_loss_masking_spans": total.counters.ignored_spans,
         "ignored_loss_masking_spans_rows": total.counters.ignored_span_rows,
         "duplicate_documents": _copies(work, len(metadata)),
+        "tokenization_warnings": dict(sorted(total.counters.warnings.items())),
+        "tokenization_warning_examples": total.counters.warning_rows,
         "seconds": round(time.perf_counter() - started, 3),
     }
     with DatasetWriter(
@@ -326,6 +329,10 @@ def summary(report: dict, output: str) -> str:
         )
     if report.get("skipped_responses"):
         lines.append(f"  left out {report['skipped_responses']:,} null or empty responses of groups")
+    for reason, count in report.get("tokenization_warnings", {}).items():
+        examples = [e for e in report["tokenization_warning_examples"] if e["reason"] == reason]
+        rows = f"; first rows: {', '.join(str(e['row']) for e in examples)}" if examples else ""
+        lines.append(f"  kept {count:,} × {reason} ({WARNINGS[reason]}{rows}; --on-error fail refuses them)")
     if report.get("duplicate_documents"):
         unit = "pairs or groups" if report.get("kind") == "preference" else "documents"
         lines.append(
