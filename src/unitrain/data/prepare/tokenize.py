@@ -3,8 +3,10 @@
 Every segment is tokenized alone without special tokens (one `encode_batch_fast` call per chunk of rows, the
 raw `tokenizers` speed), so a character span boundary is always a token boundary and no merge crosses the
 prompt/response boundary. BOS is prepended when the tokenizer defines one; EOS is appended to a document and to
-each response, unless the tokens already end with it. The trade-off is the one of `rows/schemas.py`: tokens can differ
-from tokenizing the whole text where a boundary cuts a word.
+each response, unless the tokens already end with it or with the chat template's end of turn, and what a template
+renders after its end of turn is cut (`checks.py`: one end token per response). The trade-off is the one of
+`rows/schemas.py`: tokens can differ from tokenizing the whole text where a boundary cuts a word; `checks.py`
+counts where they do.
 """
 
 from __future__ import annotations
