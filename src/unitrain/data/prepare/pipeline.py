@@ -240,7 +240,10 @@ def _assemble(
         vocab_size=tokenizer.vocab_size,
         eos_id=tokenizer.eos_id,
         bos_id=tokenizer.bos_id,
-        tokenizer_files=tokenizer.files,
+        # the tokenizer's own template file gives way to --chat-template's, written below
+        tokenizer_files=[
+            f for f in tokenizer.files if config.chat_template is None or f.name != "chat_template.jinja"
+        ],
         overwrite=config.overwrite,
     ) as writer:
         for number, unit_metadata in enumerate(metadata):
@@ -249,6 +252,8 @@ def _assemble(
                     writer.adopt_shard(unit_dir(work, number), shard)
         if not any(path.name == "tokenizer_config.json" for path in tokenizer.files):
             _write_tokenizer_config(writer.temp / "tokenizer", tokenizer)
+        if config.chat_template is not None:  # the template the data was rendered with goes to every export
+            (writer.temp / "tokenizer" / "chat_template.jinja").write_text(tokenizer.chat_template)
         (writer.temp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         settings = config.model_dump(exclude={"overwrite", "output", "workers"})
         writer.close(
