@@ -18,7 +18,7 @@ from __future__ import annotations
 
 PROBE = "\u2063unitrain-probe\u2063"  # a response text no template adds anything to
 TAIL_TOKENS = 4  # the most tokens a template renders after the end of a turn that are cut
-WINDOW = 32  # characters either side of a prompt/response boundary that the merge check tokenizes
+WINDOW = 16  # characters either side of a prompt/response boundary that the merge check tokenizes
 WARNINGS = {
     "boundary_merge": "tokens differ when the response is tokenized together with the text before it (a merge "
     "across the boundary); end the prompt without a trailing space",
