@@ -162,7 +162,8 @@ def write_unit(work: Path, number: int, unit: Unit, run: dict, tokenizers: Token
             report.counters.merge(chunk_counters)
             rows_in_chunk = len({row for row, _ in chunk_results})
             report.rows += rows_in_chunk
-            warned = chunk_counters.warning_rows[0] if config.on_error == "fail" else None
+            warnings = chunk_counters.warning_rows if config.on_error == "fail" else []
+            warned = warnings[0] if warnings else None
             for row, result in chunk_results:
                 if warned is not None and warned["row"] <= row:  # a kept row with a tokenization warning
                     raise UnitrainError(
