@@ -80,6 +80,13 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _lora_adapter_matches(self) -> TrainConfig:
+        path = None if self.model.path is None else Path(self.model.path)
+        if self.lora.adapter is None and path is not None and (path / "adapter_config.json").is_file():
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"model.path {path} is a PEFT adapter directory, not a checkpoint: use lora.adapter={path} "
+                    "(with lora.rank and lora.alpha of the adapter) and the base it was trained on as model.path"
+                )
         if self.lora.adapter is None:
             return self
         if self.model.path is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,16 +42,6 @@ class ModelSection(Section):
         if (self.path is None) == (self.config is None):
             raise ValueError(
                 "set exactly one of model.path (a checkpoint) and model.config (an architecture)"
-            )
-        path = None if self.path is None else Path(self.path)
-        if (
-            path is not None
-            and (path / "adapter_config.json").is_file()
-            and not (path / "config.json").is_file()
-        ):
-            raise ValueError(
-                f"{path} is a PEFT adapter directory, not a checkpoint: use lora.adapter={path} (with lora.rank "
-                "and lora.alpha of the adapter) and the base it was trained on as model.path"
             )
         return self
 
