@@ -28,7 +28,7 @@ from unitrain.data.memmap.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
 from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.data.prepare.checks import WARNINGS
-from unitrain.data.prepare.tokenize import TextTokenizer
+from unitrain.data.prepare.tokenize import TOKENIZE_RULES, TextTokenizer
 from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
 from unitrain.data.rows.inputs import Unit, read_unit, resolve_units, signature
 from unitrain.data.rows.schemas import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
@@ -115,6 +115,7 @@ def _work_key(config: PrepareConfig, units: list[Unit], tokenizer: TextTokenizer
     settings = config.model_dump(exclude={"overwrite", "workers", "output"})
     identity = {
         "format": FORMAT_VERSION,
+        "rules": TOKENIZE_RULES,  # units tokenized by older rules are not reused
         "settings": settings,
         "schema": schema,
         "tokenizer": tokenizer.sha256,

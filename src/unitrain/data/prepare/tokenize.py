@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 FIRST_ROWS_KEPT = 5  # example rows kept per reason in a report
+TOKENIZE_RULES = 2  # bumped when the same rows tokenize differently (2: one end token per response)
 
 
 def _token_name(value) -> str | None:
