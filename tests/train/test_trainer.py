@@ -350,11 +350,20 @@ def test_an_output_dir_that_is_a_file_is_one_line(pretrain_data, tmp_path, tiny_
 
 
 def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
     from unitrain.data.memmap.writer import DatasetWriter
     from unitrain.data.sample import GPTSample
 
-    for name, content in (("train", '{"model": "one"}'), ("validation", '{"model": "two"}')):
-        tokenizer = tmp_path / f"tokenizer-{name}" / "tokenizer.json"
+    one, two = (Tokenizer(WordLevel({"a": 0, word: 1}, unk_token="a")).to_str() for word in ("b", "c"))
+    datasets = (
+        ("train", "tokenizer.json", one),
+        ("validation", "tokenizer.json", two),
+        ("renamed", "gpt2-tokenizer.json", one),  # the train tokenizer under another name
+    )
+    for name, file_name, content in datasets:
+        tokenizer = tmp_path / f"tokenizer-{name}" / file_name
         tokenizer.parent.mkdir()
         tokenizer.write_text(content)
         with DatasetWriter(
@@ -368,6 +377,9 @@ def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
         UnitrainError, match="validation was prepared with a different tokenizer than .*train"
     ):
         train(config)
+    renamed = {"data": {"train": str(tmp_path / "train"), "validation": str(tmp_path / "renamed")}}
+    config = tiny_config("pretrain", tmp_path / "train", tmp_path / "run2", train={"max_steps": 2}, **renamed)
+    assert train(config).steps == 2  # the same tokenizer by content, whatever its file was called
 
 
 def test_pairs_longer_than_a_row_are_split_and_the_unfit_reported(

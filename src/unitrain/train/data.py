@@ -161,8 +161,16 @@ def _validation_paths(config: TrainConfig) -> list[str]:
 def _check_same_tokenizer(datasets, paths: list[str]) -> None:
     """Every dataset prepared with a tokenizer must have been prepared with the same one (same file hashes):
     token ids of different tokenizers mean different things to one model."""
+    from unitrain.train.compat import tokenizer_file_name
+
+    def by_role(
+        hashes: dict | None,
+    ) -> dict | None:  # the tokenizer file as tokenizer.json, whatever its name
+        name = tokenizer_file_name(hashes or {})
+        return {("tokenizer.json" if key == name else key): value for key, value in (hashes or {}).items()}
+
     tokenized = [
-        (path, dataset.metadata.get("tokenizer", {}).get("files_sha256"))
+        (path, by_role(dataset.metadata.get("tokenizer", {}).get("files_sha256")))
         for dataset, path in zip(datasets, paths)
     ]
     tokenized = [(path, hashes) for path, hashes in tokenized if hashes]
