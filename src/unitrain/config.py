@@ -135,13 +135,27 @@ def _refuse_unknown(raw: dict, valid: list[str], prefix: str) -> None:
             raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
 
 
+def _native(model: dict) -> bool:
+    """Whether a `model` section with a `config` builds unitrain's own decoder, whose keys are known (the
+    transformers backend takes any key its architecture's config class does)."""
+    from unitrain.model.config import SUPPORTED_ARCHITECTURES
+
+    if model.get("backend", "auto") == "transformers":
+        return False
+    architectures, model_type = model["config"].get("architectures"), model["config"].get("model_type")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else None
+    if architecture is None and model_type is None:
+        return True  # a Llama
+    return architecture in SUPPORTED_ARCHITECTURES or model_type in SUPPORTED_ARCHITECTURES.values()
+
+
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
     """Refuse unknown keys before pydantic sees them, naming the closest valid key; in `model.config` too, where
     a key the architecture does not read would train a default-sized model."""
     if not isinstance(raw, dict):
         return
     _refuse_unknown(raw, list(model.model_fields), prefix)
-    if model is ModelSection and isinstance(raw.get("config"), dict):
+    if model is ModelSection and isinstance(raw.get("config"), dict) and _native(raw):
         from unitrain.model.config import HF_CONFIG_KEYS
 
         _refuse_unknown(raw["config"], sorted(HF_CONFIG_KEYS), f"{prefix}config.")

@@ -84,6 +84,13 @@ def test_an_unknown_model_config_key_is_refused_with_the_closest_one(tmp_path):
     with pytest.raises(UnitrainError, match=r"unknown key 'model.config.zzz' \(valid: architectures, "):
         parse_config(base(model={"config": {"hidden_size": 32, "zzz": 1}}))
     assert parse_config(base(model={"config": {"hidden_size": 32, "rope_theta": 1e4}})).model.config
+    # the transformers backend takes any key of its architecture's config class
+    neox = {"architectures": ["GPTNeoXForCausalLM"], "rotary_pct": 0.25}
+    assert parse_config(base(model={"config": neox})).model.config == neox
+    llama = {"hidden_size": 32, "attention_dropout": 0.1}
+    assert parse_config(base(model={"config": llama, "backend": "transformers"})).model.config == llama
+    with pytest.raises(UnitrainError, match="unknown key 'model.config.attention_dropout'"):
+        parse_config(base(model={"config": llama, "backend": "native"}))
 
 
 def test_a_negative_blend_weight_says_so(tmp_path):

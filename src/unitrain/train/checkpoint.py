@@ -27,11 +27,13 @@ from unitrain.files import follow_umask, replace_path
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """A run's directory (or one above it) that exists as a file is one line, not a NotADirectoryError later."""
+def check_output_dir(output_dir: Path) -> Path:
+    """`output_dir`, after refusing in one line (not a NotADirectoryError later) a run's directory, or one above
+    it, that exists as a file."""
     existing = next((path for path in (output_dir, *output_dir.parents) if path.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UnitrainError(f"run.output_dir {output_dir}: {existing} is a file, not a directory")
+    return output_dir
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -225,11 +227,19 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
 
 def _export_full(checkpoint: Path, directory: Path) -> None:
     from unitrain.model import ModelConfig, build_model, save_pretrained
+    from unitrain.model.transformers_backend import BACKEND_KEY, build_empty
 
-    model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
-    with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
-        model = build_model(model_config)
+    hf = json.loads((checkpoint / "model_config.json").read_text())
+    if hf.get(BACKEND_KEY) == "transformers":  # the model's own class and save_pretrained
+        model = build_empty(hf, str(checkpoint / "model_config.json"))
+    else:
+        with torch.device(
+            "meta"
+        ):  # no random init and no second copy of the weights: they are assigned below
+            model = build_model(ModelConfig.from_hf(hf))
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
+    if hf.get(BACKEND_KEY) == "transformers":
+        model.hf.tie_weights()  # assign=True replaced the shared tensor of a tied head by two copies
     save_pretrained(model, directory)
 
 
