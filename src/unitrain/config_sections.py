@@ -25,11 +25,27 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint directory to start from (config.json + safetensors: a hub "
+        "snapshot, a run's `hf/`, an export); not a hub name, a `checkpoints/step-*` or a PEFT adapter.",
+    )
     config: dict[str, Any] | None = Field(
         None,
-        description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
-        "`num_hidden_layers`); `vocab_size` defaults to the dataset's. Weights are randomly initialised.",
+        description="From-scratch architecture as Hugging Face `config.json` keys (e.g. `hidden_size`, "
+        "`num_hidden_layers`); a Llama unless `architectures` or `model_type` names another; `vocab_size` defaults "
+        "to the dataset's; for the native backend a key it does not read is refused. Weights are randomly initialised.",
+    )
+    backend: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="`native`: unitrain's own decoder (Llama, Mistral, Qwen2, Qwen3); `transformers`: any decoder-only "
+        "causal LM transformers builds, with unitrain's attention inside it (docs/models.md); `auto`: native for "
+        "the four families it implements, transformers for every other.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run a checkpoint's own Python modeling code (`auto_map` in config.json; transformers backend). "
+        "Never done unless true.",
     )
 
     @model_validator(mode="after")
@@ -43,7 +59,14 @@ class ModelSection(Section):
 
 class DataSource(Section):
     path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
-    weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+    weight: float = Field(1.0, description="Sampling weight of this dataset in the blend (> 0).")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"weight must be > 0, got {value}")
+        return value
 
 
 class DataSection(Section):
@@ -52,8 +75,13 @@ class DataSection(Section):
     )
     validation: str | float | None = Field(
         None,
-        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
-        "none disables validation.",
+        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out "
+        "(every copy of a held-out document or pair with it, so none is trained on); none disables validation.",
+    )
+    drop_duplicates: bool = Field(
+        False,
+        description="Train (and validate) on the first copy only of documents or pairs that occur several times "
+        "in a dataset (same tokens; `unitrain prepare` reports how many).",
     )
     allow_tokenizer_mismatch: bool = Field(
         False,
@@ -84,7 +112,12 @@ class PackingSection(Section):
         description="DPO only, `pair`/`packed`: store the prompt once per pair. `separate` always duplicates it.",
     )
     sequence_length: int = Field(
-        1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
+        1024,
+        gt=0,
+        description="Token slots per row. A longer pretraining document is cut into row-sized pieces; a longer "
+        "pair or group is split over a wide row (one row per part, each with its prompt), dropped only when a "
+        "response does not fit a row with its prompt (or, in `separate` mode, prompt + longest response does not "
+        "fit); a longer SFT document is dropped. The run's first lines count what is left out.",
     )
     window: int = Field(
         65536,
@@ -262,7 +295,8 @@ class LoraSection(Section):
         list(LORA_TARGET_MODULES),
         description="Hugging Face projections that get an adapter, in every layer: "
         + ", ".join(f"`{name}`" for name in LORA_TARGET_MODULES)
-        + ".",
+        + " (unitrain's decoder); on the transformers backend the model's own linear modules by name (e.g. "
+        "`query_key_value` for GPT-NeoX), checked against the model when it is built.",
     )
     adapter: str | None = Field(
         None,
@@ -282,8 +316,8 @@ class LoraSection(Section):
     def _known_modules(cls, names: list[str]) -> list[str]:
         if not names:
             raise ValueError("name at least one module")
-        for name in names:
-            if name not in LORA_TARGET_MODULES:
+        for name in names:  # the model's own names on the transformers backend: checked against the model
+            if not name.isidentifier():
                 close = difflib.get_close_matches(name, LORA_TARGET_MODULES, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ValueError(f"unknown module '{name}' ({hint}valid: {', '.join(LORA_TARGET_MODULES)})")

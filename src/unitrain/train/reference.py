@@ -69,8 +69,9 @@ def weights_hash(model_path: str | Path, progress: bool = False) -> str:
 def response_logps_of(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (Rb,) and token counts (Rb,) of every response of a preference batch under `model`."""
     hidden = model.hidden_states(batch)  # (R, T, D)
+    softcap = getattr(model, "logit_softcap", None)  # Gemma 2 (transformers backend)
     logps = target_logprobs(
-        hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens
+        hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens, softcap=softcap
     ).logps  # (N,)
     return response_logps(logps, batch.target_response, batch.num_responses)
 
@@ -140,6 +141,8 @@ def make_reference(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     adapter: str | Path | None = None,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Reference:
     """Build the reference of `kind` (none | model | cached). `datasets` and `cache_dir` matter for `cached` only;
     `on_mismatch` is `recompute` or `error`; `sequence_length` and `micro_batch_size` size the caching pass;
@@ -154,7 +157,9 @@ def make_reference(
 
     def load() -> torch.nn.Module:
         if adapter is None:
-            return from_pretrained(model_path, dtype=dtype, device=device)
+            return from_pretrained(
+                model_path, dtype=dtype, device=device, backend=backend, trust_remote_code=trust_remote_code
+            )
         return load_merged(adapter, base=model_path, dtype=dtype, device=device)
 
     if kind == "model":
@@ -166,6 +171,9 @@ def make_reference(
     path = Path(cache_dir) / CACHE_FILE
     key = {
         "fingerprints": [str(dataset.fingerprint) for dataset in datasets],
+        "paths": [
+            str(getattr(dataset, "path", "")) for dataset in datasets
+        ],  # named in messages, not compared
         "weights": weights_hash(model_path, progress) + (f"+{adapter_hash(adapter)}" if adapter else ""),
         "dtype": str(dtype).removeprefix("torch."),  # bf16 and fp32 log-probs differ: never mixed silently
     }
@@ -254,7 +262,13 @@ def _read_cache(path: Path, key: dict) -> tuple[list[tuple[np.ndarray, np.ndarra
         return None, f"{len(cached['fingerprints'])} datasets cached, {len(key['fingerprints'])} given"
     for position, (old, new) in enumerate(zip(cached["fingerprints"], key["fingerprints"])):
         if old != new:
-            return None, f"dataset {position} changed (fingerprint cached {old[:12]}, now {new[:12]})"
+            was = cached.get("paths", [None] * len(cached["fingerprints"]))[position]
+            now = key["paths"][position]
+            named = now if was in (None, now) else f"{was}, now {now}"
+            return (
+                None,
+                f"dataset {position} ({named}) changed (fingerprint cached {old[:12]}, now {new[:12]})",
+            )
     return tables, None
 
 
@@ -295,6 +309,8 @@ def run_reference(trainer) -> Reference | None:
             dtype=torch.bfloat16 if bf16 else torch.float32,
             progress=trainer.config.run.progress and trainer.context.is_main,
             adapter=None if dpo.reference_model or trainer.lora is None else trainer.config.lora.adapter,
+            backend=trainer.config.model.backend,
+            trust_remote_code=trainer.config.model.trust_remote_code,
         )
 
     if dpo.reference != "cached" or not trainer.context.is_distributed:

@@ -57,7 +57,7 @@ class Trainer:
         self.config, self.context = config, context
         self.memory = memory or PhaseMemory(context.device)
         self.output_dir = Path(config.run.output_dir)
-        latest = ckpt.latest_checkpoint(self.output_dir)
+        latest = ckpt.latest_checkpoint(ckpt.check_output_dir(self.output_dir))
         if latest is not None and not resume:
             raise UnitrainError(
                 f"{self.output_dir} already holds the checkpoints of a run (latest {latest.name}); pass --resume "
@@ -102,9 +102,7 @@ class Trainer:
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
         self._signal: str | None = None  # set by the handler on this rank
-        self._stopping = (
-            False  # agreed by all ranks in the step's reduction, so they all save and stop together
-        )
+        self._stopping = False  # agreed by all ranks in the step's reduction: they all save and stop together
 
     def _report_packing(self) -> None:
         if self.context.is_main:
