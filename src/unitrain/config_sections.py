@@ -26,12 +26,16 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint directory to start from (config.json + safetensors: a hub "
+        "snapshot, a run's `hf/`, an export); not a hub name, a `checkpoints/step-*` or a PEFT adapter.",
+    )
     config: dict[str, Any] | None = Field(
         None,
         description="From-scratch architecture as Hugging Face `config.json` keys (e.g. `hidden_size`, "
         "`num_hidden_layers`); a Llama unless `architectures` or `model_type` names another; `vocab_size` defaults "
-        "to the dataset's. Weights are randomly initialised.",
+        "to the dataset's; for the native backend a key it does not read is refused. Weights are randomly initialised.",
     )
     backend: Literal["auto", "native", "transformers"] = Field(
         "auto",
@@ -59,7 +63,7 @@ Objective = Literal["pretrain", "sft", "dpo"]
 
 class DataSource(Section):
     path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
-    weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+    weight: float = Field(1.0, description="Sampling weight of this dataset in the blend (> 0).")
     objective: Objective | None = Field(
         None,
         description="The loss this dataset's documents train: `pretrain`, `sft` or `dpo`; default: the run's "
@@ -70,6 +74,13 @@ class DataSource(Section):
         description="Name of its held-out share in the validation metrics (`eval/NAME/...`) when "
         "`data.validation` is a fraction of a mixed run; default: the directory's name.",
     )
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"weight must be > 0, got {value}")
+        return value
 
     @property
     def label(self) -> str:
@@ -91,8 +102,14 @@ class DataSection(Section):
     )
     validation: str | float | list[ValidationSet] | None = Field(
         None,
-        description="A prepared dataset directory, a fraction in (0, 1) of each training dataset held out, or a "
-        "list of `{name, path, objective}` sets, each reported under its name; none disables validation.",
+        description="A prepared dataset directory, a fraction in (0, 1) of each training dataset held out "
+        "(every copy of a held-out document or pair with it, so none is trained on), or a list of "
+        "`{name, path, objective}` sets, each reported under its name; none disables validation.",
+    )
+    drop_duplicates: bool = Field(
+        False,
+        description="Train (and validate) on the first copy only of documents or pairs that occur several times "
+        "in a dataset (same tokens; `unitrain prepare` reports how many).",
     )
     allow_tokenizer_mismatch: bool = Field(
         False,
@@ -127,7 +144,12 @@ class PackingSection(Section):
         description="DPO only, `pair`/`packed`: store the prompt once per pair. `separate` always duplicates it.",
     )
     sequence_length: int = Field(
-        1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
+        1024,
+        gt=0,
+        description="Token slots per row. A longer pretraining document is cut into row-sized pieces; a longer "
+        "pair or group is split over a wide row (one row per part, each with its prompt), dropped only when a "
+        "response does not fit a row with its prompt (or, in `separate` mode, prompt + longest response does not "
+        "fit); a longer SFT document is dropped. The run's first lines count what is left out.",
     )
     window: int = Field(
         65536,
