@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train a model (pretraining, SFT or DPO) from a YAML config",
     "score": "write the log-prob of every response of a preference dataset under a model (and a reference)",
     "export": "write a Hugging Face checkpoint from a training checkpoint",
+    "generate": "write completions of prompts from a checkpoint, an adapter or a run (and from its start)",
     "plot": "draw the training curves of a run as a PNG",
 }
 

@@ -1,0 +1,1 @@
+"""Inference on trained models: which model a path names (checkpoint, adapter, run), and completions from it."""
