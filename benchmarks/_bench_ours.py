@@ -23,7 +23,7 @@ LAYOUTS = [("separate", False), ("pair", False), ("pair", True), ("packed", Fals
 
 
 def load(spec: Spec):
-    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
     from unitrain.model import from_pretrained
 
     dataset = GPTMemmapDataset(spec.dataset_path)
@@ -32,8 +32,8 @@ def load(spec: Spec):
 
 
 def step_batch(spec: Spec, dataset, indices: np.ndarray, mode: str, share_prompt: bool):
-    from unitrain.data.packing import collate
-    from unitrain.data.plan import plan_rows
+    from unitrain.data.batches.collate import collate
+    from unitrain.data.epoch.plan import plan_rows
 
     plan = plan_rows(
         dataset,

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from unitrain.config import parse_config  # noqa: E402
-from unitrain.data.memmap import GPTMemmapDataset  # noqa: E402
-from unitrain.data.prepare import PrepareConfig, prepare  # noqa: E402
+from unitrain.data.memmap.reader import GPTMemmapDataset  # noqa: E402
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare  # noqa: E402
 from unitrain.train import train  # noqa: E402
 from unitrain.train.metrics import read_metrics  # noqa: E402
 

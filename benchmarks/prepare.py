@@ -1,7 +1,7 @@
 """Prepare throughput (tokens/s) against its practical limit: raw `tokenizers` batch encoding of the same texts.
 
 The input is the shared HH-RLHF file repeated `--repeat` times. For each worker count N and each mode, it times
-`unitrain.data.prepare.prepare` end to end (read .jsonl.gz, parse, split prompts, tokenize, write, hash) and
+`unitrain.data.prepare.pipeline.prepare` end to end (read .jsonl.gz, parse, split prompts, tokenize, write, hash) and
 `Tokenizer.encode_batch_fast` over exactly the segments prepare tokenizes, in a fresh process with
 `RAYON_NUM_THREADS=N` (rayon's thread count must be set before its pool starts). Best of `--trials` each, the
 two interleaved.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # prepare with 1 worker runs in this process: one thread
 
-from unitrain.data.prepare import PrepareConfig, prepare  # noqa: E402
-from unitrain.data.sources import implicit_prompt  # noqa: E402
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare  # noqa: E402
+from unitrain.data.rows.schemas import implicit_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

@@ -34,7 +34,7 @@ CHUNK = 1_000_000  # documents per add_batch call
 
 
 def write_documents(path: Path, count: int, seed: int = 0) -> None:
-    from unitrain.data.writer import DatasetWriter
+    from unitrain.data.memmap.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, "pretraining", vocab_size=VOCAB, eos_id=VOCAB - 1, overwrite=True) as writer:
@@ -44,7 +44,7 @@ def write_documents(path: Path, count: int, seed: int = 0) -> None:
 
 
 def write_pairs(path: Path, count: int, seed: int = 1) -> None:
-    from unitrain.data.writer import DatasetWriter
+    from unitrain.data.memmap.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, "preference", vocab_size=VOCAB, eos_id=VOCAB - 1, overwrite=True) as writer:
@@ -72,7 +72,7 @@ def _reset_peak() -> None:
 
 
 def _stream(dataset, objective: str, sequence_length: int, window: int | None, cache_dir=None, indices=None):
-    from unitrain.data.sampling import BatchStream
+    from unitrain.data.batches.stream import BatchStream
 
     return BatchStream(
         [(dataset, np.arange(len(dataset)) if indices is None else indices, 1.0)],
@@ -90,7 +90,7 @@ def _stream(dataset, objective: str, sequence_length: int, window: int | None, c
 
 def worker(task: dict) -> dict:
     """One measurement in this (fresh) process."""
-    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
 
     rss_start = _status("VmRSS")
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def worker(task: dict) -> dict:
         return result
     if task["kind"] == "compile":
         started = time.perf_counter()
-        from unitrain.data.plan_kernel import pack_window
+        from unitrain.data.epoch.plan_kernel import pack_window
 
         pack_window(np.array([3, 2], np.int64), 4, False, np.empty(2, np.int64), np.empty(2, np.int64))
         return {"first_call_s": time.perf_counter() - started}
@@ -112,8 +112,10 @@ def worker(task: dict) -> dict:
         rows = len(stream.plan)
         return {"read_s": time.perf_counter() - started, "rows": rows, "read_bytes": _status("VmRSS") - rss}
     _ = dataset.document_lengths if task["kind"] == "old" else None  # the old reader had them at open
-    import unitrain.data.sampling  # noqa: F401  (torch and the planner imported before the clock)
-    from unitrain.data.plan_kernel import pack_window  # compiled (or loaded from cache) before the clock
+    import unitrain.data.batches.stream  # noqa: F401  (torch and the planner imported before the clock)
+    from unitrain.data.epoch.plan_kernel import (
+        pack_window,  # compiled (or loaded from cache) before the clock
+    )
 
     sys.path.insert(0, str(REPO / "tests" / "preference"))
     import naive_planner

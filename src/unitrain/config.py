@@ -2,7 +2,7 @@
 file plus dotted `key=value` overrides.
 
 Every field carries a description, so `docs/configuration.md` is generated from these models and cannot drift
-(`python -m unitrain.config docs/configuration.md`). Validation happens once, here, at the boundary: unknown
+(`python -m unitrain.config_docs docs/configuration.md`). Validation happens once, here, at the boundary: unknown
 keys are refused with the closest valid key, contradictions with a reason, and the trainer trusts what it gets.
 Trade-off: the models stay flat and explicit (one class per YAML section) rather than pluggable components, so
 adding an option means adding a field, and the docs follow automatically.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import sys
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +32,7 @@ from unitrain.config_sections import (
     Section,
     TrainSection,
     WandbSection,
+    model_classes,
 )
 from unitrain.errors import UnitrainError
 
@@ -111,13 +110,6 @@ class TrainConfig(Section):
             raise ValueError(f"dpo: {error}") from None
 
 
-def _model_classes(annotation: Any) -> list[type[BaseModel]]:
-    """BaseModel classes reachable in a field annotation (through unions, lists and tuples)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [cls for arg in typing.get_args(annotation) for cls in _model_classes(arg)]
-
-
 class ConfigProblem(UnitrainError):
     """A config that does not validate; `location` is the dotted key path of the problem (empty: several keys)."""
 
@@ -140,7 +132,7 @@ def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
                 else f" (valid: {', '.join(model.model_fields)})"
             )
             raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
-        for sub_model in _model_classes(model.model_fields[key].annotation):
+        for sub_model in model_classes(model.model_fields[key].annotation):
             items = value if isinstance(value, list) else [value]
             for item in items:
                 _check_keys(item, sub_model, f"{prefix}{key}.")
@@ -240,9 +232,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-if __name__ == "__main__":
-    from unitrain.config_docs import configuration_markdown
-
-    Path(sys.argv[1]).write_text(configuration_markdown())

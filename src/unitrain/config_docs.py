@@ -1,5 +1,5 @@
 """docs/configuration.md, generated from the config models so that it cannot drift from them
-(`python -m unitrain.config docs/configuration.md`; a test fails when the committed file differs).
+(`python -m unitrain.config_docs docs/configuration.md`; a test fails when the committed file differs).
 
 One Markdown table per section, one row per key: type, default and the field's description. Every cell is kept on
 one line with its pipes escaped, so a row never spills into a second one.
@@ -7,13 +7,16 @@ one line with its pipes escaped, so a row never spills into a second one.
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from unitrain.config import TrainConfig, _model_classes
+from unitrain.config import TrainConfig
+from unitrain.config_sections import model_classes
 
 
 def _type_name(annotation: Any) -> str:
@@ -52,7 +55,7 @@ def configuration_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/unitrain/config.py` by `python -m unitrain.config docs/configuration.md`; "
+        "Generated from `src/unitrain/config.py` by `python -m unitrain.config_docs docs/configuration.md`; "
         "do not edit by hand.",
         "",
         "A run is one YAML file; any key can be overridden on the command line with a dotted path, the value "
@@ -60,7 +63,7 @@ def configuration_markdown() -> str:
         "",
     ]
     for name, field in TrainConfig.model_fields.items():
-        sections = _model_classes(field.annotation)
+        sections = model_classes(field.annotation)
         if not sections:
             lines += [
                 f"## `{name}`",
@@ -86,3 +89,7 @@ def configuration_markdown() -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    Path(sys.argv[1]).write_text(configuration_markdown())

@@ -7,9 +7,17 @@ adding a field, and its documentation comes with it.
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """BaseModel classes reachable in a field annotation (through unions, lists and tuples)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [cls for arg in typing.get_args(annotation) for cls in model_classes(arg)]
 
 
 class Section(BaseModel):

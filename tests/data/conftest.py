@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from unitrain.data.prepare import PrepareConfig, prepare
-from unitrain.data.tokenize import TextTokenizer
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare
+from unitrain.data.prepare.tokenize import TextTokenizer
 
 
 @pytest.fixture(scope="session")

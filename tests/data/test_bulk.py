@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.packing import sft_targets
+from unitrain.data.epoch.rules import sft_targets
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import DatasetWriter, write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import DatasetWriter, write_dataset
 
 from .test_memmap import random_samples
 

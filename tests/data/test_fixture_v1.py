@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.memmap.reader import GPTMemmapDataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v1"
 

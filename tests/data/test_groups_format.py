@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import write_dataset
 from unitrain.errors import UnitrainError
 
 FIXTURES = Path(__file__).parent / "fixtures"

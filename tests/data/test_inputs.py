@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unitrain.data.inputs import read_unit, resolve_units
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.prepare import PrepareConfig, prepare, summary
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare, summary
+from unitrain.data.rows.inputs import read_unit, resolve_units
 from unitrain.errors import UnitrainError
 
 from .conftest import write_jsonl
@@ -121,8 +121,8 @@ def test_parquet_and_jsonl_are_streamed_without_datasets(corpus, tmp_path, gpt2_
     """No `datasets` import (so no Arrow cache copy of the corpus), and rows are read a batch at a time."""
     code = f"""
 import sys
-from unitrain.data.prepare import PrepareConfig, prepare
-from unitrain.data import inputs
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare
+from unitrain.data.rows import inputs
 batches = []
 original = inputs._batches_to_rows
 def counting(batches_iter, unit):

@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import DatasetWriter, write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import DatasetWriter, write_dataset
 from unitrain.errors import UnitrainError
 
 
@@ -105,7 +105,7 @@ def test_a_write_killed_by_sigkill_is_cleaned_up_by_the_next_write(tmp_path):
     import sys
 
     code = (
-        "import os, signal, sys; from unitrain.data.writer import DatasetWriter; "
+        "import os, signal, sys; from unitrain.data.memmap.writer import DatasetWriter; "
         "w = DatasetWriter(sys.argv[1], 'pretraining', vocab_size=100, eos_id=0); "
         "os.kill(os.getpid(), signal.SIGKILL)"
     )

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.plan_cache import load_or_build, read_plan, write_plan
-from unitrain.data.sampling import BatchStream
-from unitrain.data.writer import DatasetWriter
+from unitrain.data.batches.stream import BatchStream
+from unitrain.data.epoch.plan_cache import load_or_build, read_plan, write_plan
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import DatasetWriter
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.prepare import PrepareConfig, prepare
-from unitrain.data.tokenize import TextTokenizer
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare
+from unitrain.data.prepare.tokenize import TextTokenizer
 
 EOS = "<|endoftext|>"
 MARKER = "\n\nAssistant:"

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from unitrain.cli import main
-from unitrain.data import prepare as prepare_module
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.prepare import PrepareConfig, prepare
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.prepare import pipeline as prepare_module
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare
 from unitrain.errors import UnitrainError
 
 GOOD_PAIR = {"prompt": "Hello", "chosen": " there", "rejected": " you"}
@@ -195,7 +195,7 @@ def test_a_prepare_that_keeps_no_row_fails_and_writes_nothing(run_prepare, tmp_p
 
 
 def test_spans_on_rows_of_a_text_dataset_are_counted_not_lost_silently(run_prepare, capsys):
-    from unitrain.data.prepare import summary
+    from unitrain.data.prepare.pipeline import summary
 
     rows = [{"text": "hello world"}, {"text": "Q: a A: b", "loss_masking_spans": [[0, 5]]}]
     output, report = run_prepare(rows)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.prepare import summary
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.prepare.pipeline import summary
 
 from .test_conversation import MESSAGES, hf_render, template_file  # noqa: F401 (fixture)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from unitrain.data import prepare as prepare_module
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.prepare import PrepareConfig, prepare
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.prepare import pipeline as prepare_module
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare
 from unitrain.errors import UnitrainError
 
 from .conftest import write_jsonl

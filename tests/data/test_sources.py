@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from unitrain.data.sources import ASSISTANT_MARKER, implicit_prompt
+from unitrain.data.rows.schemas import ASSISTANT_MARKER, implicit_prompt
 
 
 def naive_cut(chosen: str, rejected: str) -> int:

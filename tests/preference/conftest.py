@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import write_dataset
 
 VOCAB = 61
 
@@ -41,7 +41,7 @@ class ListDataset:
     `document_lengths`, `preference_spans`, `sft_target_counts`, here counted sample by sample)."""
 
     def __init__(self, samples: list[GPTSample], kind: str) -> None:
-        from unitrain.data.packing import sft_targets
+        from unitrain.data.epoch.rules import sft_targets
 
         self.samples = samples
         self.kind = kind
@@ -88,8 +88,8 @@ def memmap_pairs(tmp_path):
 
 def packed_batch(dataset, mode="pair", share_prompt=False, sequence_length=64, group_pairs="best_vs_rest"):
     """Every pair (or group) of `dataset` planned and collated into one DPO batch."""
-    from unitrain.data.packing import collate
-    from unitrain.data.plan import plan_rows
+    from unitrain.data.batches.collate import collate
+    from unitrain.data.epoch.plan import plan_rows
 
     layout = {"objective": "dpo", "mode": mode, "share_prompt": share_prompt, "group_pairs": group_pairs}
     plan = plan_rows(dataset, range(len(dataset)), sequence_length=sequence_length, **layout)

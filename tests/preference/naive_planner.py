@@ -10,7 +10,7 @@ import bisect
 
 import numpy as np
 
-from unitrain.data.packing import sft_targets
+from unitrain.data.epoch.rules import sft_targets
 
 
 def _item_costs(dataset, indices, objective, mode, share_prompt, sequence_length):

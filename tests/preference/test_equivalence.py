@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from unitrain.data.sampling import BatchStream
+from unitrain.data.batches.stream import BatchStream
 from unitrain.losses.preference import PreferenceLossConfig, preference_losses
 from unitrain.train.reference import pair_logps_of
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from unitrain.data.ranking import group_pairs
+from unitrain.data.epoch.ranking import group_pairs
 from unitrain.data.sample import GPTSample
 from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
 from unitrain.train.reference import pair_logps_of, response_logps_of
@@ -38,8 +38,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-    from unitrain.data.memmap import GPTMemmapDataset
-    from unitrain.data.writer import write_dataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
+    from unitrain.data.memmap.writer import write_dataset
 
     samples = random_groups(9, seed=21, prompt=(2, 8), response=(1, 9), responses=(2, 6))
     path = write_dataset(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unitrain.data.ranking import GROUP_PAIRS, group_pairs, response_wins
+from unitrain.data.epoch.ranking import GROUP_PAIRS, group_pairs, response_wins
 from unitrain.losses.preference import PreferenceLossConfig, plackett_luce_losses, preference_losses
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from unitrain.data.batch import SEGMENT_PROMPT
-from unitrain.data.packing import collate
-from unitrain.data.plan import plan_rows
+from unitrain.data.batches.collate import collate
+from unitrain.data.epoch.plan import plan_rows
 from unitrain.errors import UnitrainError
 
 from .conftest import recount

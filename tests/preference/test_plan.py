@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.packing import collate
-from unitrain.data.plan import plan_rows
-from unitrain.data.sampling import BatchStream
-from unitrain.data.writer import write_dataset
+from unitrain.data.batches.collate import collate
+from unitrain.data.batches.stream import BatchStream
+from unitrain.data.epoch.plan import plan_rows
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import write_dataset
 
 from .conftest import VOCAB, random_documents, random_pairs, recount
 from .naive_planner import naive_epoch, naive_plan_rows
@@ -213,7 +213,7 @@ def test_per_step_counts_equal_the_collated_batches_on_every_rank(datasets):
 
 
 def test_the_loop_of_windows_keeps_fill_high_on_many_short_documents(tmp_path):
-    from unitrain.data.writer import DatasetWriter
+    from unitrain.data.memmap.writer import DatasetWriter
 
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(5.3, 0.9, 20000).astype(np.int64), 1, 4000)  # mean ≈ 330
@@ -236,8 +236,8 @@ def test_an_epoch_plan_allocates_a_few_bytes_per_document(objective, bound, tmp_
     (42 B) would exceed it."""
     import tracemalloc
 
-    from unitrain.data.plan_kernel import pack_window
-    from unitrain.data.writer import DatasetWriter
+    from unitrain.data.epoch.plan_kernel import pack_window
+    from unitrain.data.memmap.writer import DatasetWriter
 
     rng, n = np.random.default_rng(0), 200_000
     lengths = np.maximum(rng.lognormal(4.0 if objective == "pretrain" else 3.8, 1.0, n), 3).astype(np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unitrain.data.sampling import BatchStream, iterate_batches, split_indices
+from unitrain.data.batches.stream import BatchStream, iterate_batches, split_indices
 from unitrain.errors import UnitrainError
 
 from .conftest import ListDataset, random_pairs, recount

@@ -16,7 +16,7 @@ from .conftest import build_tiny_model, random_pairs
 
 @pytest.fixture(scope="module")
 def scored_setup(tmp_path_factory):
-    from unitrain.data.writer import write_dataset
+    from unitrain.data.memmap.writer import write_dataset
 
     root = tmp_path_factory.mktemp("score")
     save_pretrained(build_tiny_model(7), root / "policy")
@@ -87,8 +87,8 @@ def test_score_matches_a_transformers_forward(scored_setup, packing, share, caps
 
 
 def test_score_refuses_a_dataset_that_is_not_preference(tmp_path, capsys):
+    from unitrain.data.memmap.writer import write_dataset
     from unitrain.data.sample import GPTSample
-    from unitrain.data.writer import write_dataset
 
     write_dataset(tmp_path / "text", [GPTSample(np.arange(1, 9))], "pretraining", vocab_size=61)
     save_pretrained(build_tiny_model(0), tmp_path / "model")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from unitrain.config import parse_config
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import write_dataset
 
 VOCAB = 48
 

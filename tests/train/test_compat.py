@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from unitrain.cli import main
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.writer import DatasetWriter
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.errors import UnitrainError
 from unitrain.model import ModelConfig, build_model, save_pretrained
 from unitrain.train import train

@@ -155,7 +155,7 @@ def test_committed_configs_are_valid():
 def test_configuration_doc_is_up_to_date():
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == configuration_markdown(), (
-        "regenerate: python -m unitrain.config docs/configuration.md"
+        "regenerate: python -m unitrain.config_docs docs/configuration.md"
     )
     for key in (
         "dpo.reference_model",

@@ -13,8 +13,8 @@ import torch
 
 from unitrain.cli import main
 from unitrain.config import config_to_yaml
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.sampling import iterate_batches
+from unitrain.data.batches.stream import iterate_batches
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.model import from_pretrained
 from unitrain.model.adapter import load_model
 from unitrain.train.metrics import read_metrics

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from unitrain.cli import main
-from unitrain.data.memmap import GPTMemmapDataset
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.model import from_pretrained
 from unitrain.train.metrics import read_metrics
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from unitrain.cli import main
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
-from unitrain.data.writer import write_dataset
 from unitrain.train import train
 
 from .conftest import VOCAB

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from unitrain.cli import main
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.sampling import split_indices
-from unitrain.data.writer import write_dataset
+from unitrain.data.batches.stream import split_indices
+from unitrain.data.memmap.reader import GPTMemmapDataset
+from unitrain.data.memmap.writer import write_dataset
 from unitrain.train import train
 
 from .conftest import VOCAB

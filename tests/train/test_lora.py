@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from unitrain.config import parse_config
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.sampling import iterate_batches, split_indices
+from unitrain.data.batches.stream import iterate_batches, split_indices
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.errors import UnitrainError
 from unitrain.losses.preference import response_logps
 from unitrain.model import from_pretrained

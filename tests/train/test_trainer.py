@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from unitrain.config import parse_config
-from unitrain.data.memmap import GPTMemmapDataset
-from unitrain.data.sampling import split_indices
+from unitrain.data.batches.stream import split_indices
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.errors import UnitrainError
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint
@@ -252,7 +252,7 @@ def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_p
 
 
 def test_epochs_become_steps_and_blends_train(pretrain_data, sft_data, tmp_path, tiny_config):
-    from unitrain.data.plan import plan_rows
+    from unitrain.data.epoch.plan import plan_rows
 
     dataset = GPTMemmapDataset(pretrain_data)
     train_indices, _ = split_indices(len(dataset), 0.125, seed=0)
@@ -327,8 +327,8 @@ def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, t
 
 
 def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
+    from unitrain.data.memmap.writer import DatasetWriter
     from unitrain.data.sample import GPTSample
-    from unitrain.data.writer import DatasetWriter
 
     for name, content in (("train", '{"model": "one"}'), ("validation", '{"model": "two"}')):
         tokenizer = tmp_path / f"tokenizer-{name}" / "tokenizer.json"

@@ -62,12 +62,12 @@ def _marked_text(sample, decode) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
 
     dataset = GPTMemmapDataset(args.path)
     if dataset.tokenizer_path is None:
         raise UnitrainError(f"{args.path}: no tokenizer/ directory to decode with")
-    from unitrain.data.tokenize import TextTokenizer
+    from unitrain.data.prepare.tokenize import TextTokenizer
 
     decode = TextTokenizer(dataset.tokenizer_path).decode
     if not 0 <= args.index < max(len(dataset), 1):

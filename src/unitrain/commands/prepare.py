@@ -1,4 +1,4 @@
-"""`unitrain prepare`: flags or a YAML file (`--config`) → `PrepareConfig` → `unitrain.data.prepare.prepare`.
+"""`unitrain prepare`: flags or a YAML file (`--config`) → `PrepareConfig` → `unitrain.data.prepare.pipeline.prepare`.
 
 Flags given on the command line override the YAML file's values; field names are remapped with
 `--field SCHEMA_FIELD=COLUMN` (repeatable) or a `fields:` mapping in the YAML file. Under
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from unitrain.data.prepare import PrepareConfig
+    from unitrain.data.prepare.pipeline import PrepareConfig
 
     settings: dict = {}
     if args.config:
@@ -93,7 +93,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.data.prepare import prepare, resolve_rank, summary
+    from unitrain.data.prepare.pipeline import prepare, resolve_rank, summary
 
     config = build_config(args)
     rank, world_size = resolve_rank(args.rank, args.world_size)

@@ -78,8 +78,8 @@ def _score(
     groups skipped (a response that does not fit a row with its prompt)."""
     from tqdm import tqdm
 
-    from unitrain.data.packing import collate
-    from unitrain.data.plan import plan_rows
+    from unitrain.data.batches.collate import collate
+    from unitrain.data.epoch.plan import plan_rows
     from unitrain.train.reference import response_logps_of
 
     plan = plan_rows(dataset, indices, **packing)
@@ -120,7 +120,7 @@ def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
     from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
     from unitrain.train.compat import check_tokenizer, check_vocab_size
     from unitrain.train.data import held_out_indices

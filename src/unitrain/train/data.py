@@ -24,7 +24,7 @@ from unitrain.train.dist import DistContext
 
 @dataclass
 class TrainingData:
-    stream: object  # unitrain.data.sampling.BatchStream
+    stream: object  # unitrain.data.batches.stream.BatchStream
     datasets: list  # training datasets in stream order, then a separate validation dataset if any
     validation: list[tuple[int, np.ndarray]]  # (position in `datasets`, document indices)
     total_steps: int
@@ -52,8 +52,8 @@ class TrainingData:
         """(position of the dataset in `datasets`, PackedBatch) over every validation document, in order. Rows
         grow to fit every held-out document, and every response of a group with its prompt (a longer group is
         split over a wide row), so none is left out."""
-        from unitrain.data.plan_items import fit_length
-        from unitrain.data.sampling import iterate_batches
+        from unitrain.data.batches.stream import iterate_batches
+        from unitrain.data.epoch.plan_items import fit_length
 
         for position, indices in self.validation:
             dataset, packing = self.datasets[position], self.packing
@@ -71,7 +71,7 @@ def describe_rows(data: TrainingData) -> list[str]:
     unit = data.preference_unit if data.packing["objective"] == "dpo" else "document"
     lines = [f"packing: {stream.efficiency:.1%} of row slots hold tokens"]
     if stream.dropped:
-        from unitrain.data.plan_items import fit_length
+        from unitrain.data.epoch.plan_items import fit_length
 
         fitting = max(fit_length(dataset, indices, data.packing) for dataset, indices in stream.sources)
         need = "a response with its prompt needs" if unit != "document" else "need"
@@ -106,7 +106,7 @@ def write_validation_record(output_dir: Path, data: TrainingData, config: TrainC
 
 def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
     """The indices of `dataset` the run in `run_dir` held out from training (its validation documents/pairs)."""
-    from unitrain.data.sampling import split_indices
+    from unitrain.data.batches.stream import split_indices
 
     path = Path(run_dir) / VALIDATION_RECORD
     if not path.is_file():
@@ -129,7 +129,7 @@ def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
 
 
 def _open_dataset(path: str, key: str, objective: str):
-    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.data.memmap.reader import GPTMemmapDataset
 
     dataset = GPTMemmapDataset(path)
     if objective == "dpo" and dataset.kind != "preference":
@@ -166,7 +166,7 @@ def _check_same_tokenizer(datasets, paths: list[str]) -> None:
 
 def load_training_data(config: TrainConfig, context: DistContext) -> TrainingData:
     """Open and check the datasets, hold out validation, and build this rank's batch stream."""
-    from unitrain.data.sampling import BatchStream, split_indices
+    from unitrain.data.batches.stream import BatchStream, split_indices
 
     objective = config.objective
     packing = {

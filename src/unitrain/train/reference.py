@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from unitrain.data.batch import PackedBatch
-from unitrain.data.sampling import iterate_batches
+from unitrain.data.batches.stream import iterate_batches
 from unitrain.errors import UnitrainError
 from unitrain.files import follow_umask
 from unitrain.losses.logprobs import target_logprobs

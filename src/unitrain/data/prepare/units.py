@@ -15,10 +15,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from unitrain.data.inputs import Unit, read_unit
-from unitrain.data.sources import RowError, extract, parse_row
-from unitrain.data.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
-from unitrain.data.writer import DatasetWriter
+from unitrain.data.memmap.writer import DatasetWriter
+from unitrain.data.prepare.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
+from unitrain.data.rows.extract import extract
+from unitrain.data.rows.inputs import Unit, read_unit
+from unitrain.data.rows.schemas import RowError, parse_row
 from unitrain.errors import UnitrainError
 
 CHUNK_ROWS = 256

@@ -1,7 +1,7 @@
 """`unitrain prepare`: inputs → units → (per rank) validate and tokenize in worker processes → unit shards →
 (rank 0) one dataset, renamed into place.
 
-The inputs resolve to an ordered list of units (`inputs.py`); rank r of a multi-rank prepare (torchrun, or
+The inputs resolve to an ordered list of units (`rows/inputs.py`); rank r of a multi-rank prepare (torchrun, or
 `--rank/--world-size`) writes units r, r + W, r + 2W, ... each as a small dataset of its own under a work directory
 beside the output, keyed by everything that determines the result (`units.py` writes one). Rank 0 waits until
 every unit is complete, then moves their shards, in unit order, into one dataset and renames it into place. So
@@ -23,12 +23,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from unitrain.data.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
-from unitrain.data.inputs import Unit, read_unit, resolve_units, signature
-from unitrain.data.sources import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
-from unitrain.data.tokenize import TextTokenizer
-from unitrain.data.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
-from unitrain.data.writer import DatasetWriter
+from unitrain.data.memmap.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
+from unitrain.data.memmap.writer import DatasetWriter
+from unitrain.data.prepare.tokenize import TextTokenizer
+from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
+from unitrain.data.rows.inputs import Unit, read_unit, resolve_units, signature
+from unitrain.data.rows.schemas import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
 from unitrain.errors import UnitrainError
 
 KIND_OF_SCHEMA = {

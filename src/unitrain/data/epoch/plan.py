@@ -16,7 +16,7 @@ sources are shuffled together). A window that covers the epoch gives today's who
 
 Item costs (slots used in a row) are computed vectorized per window from the dataset's columns
 (`document_lengths`, `preference_spans`, `group_columns`, `sft_target_counts`) in `plan_items.py`; see
-`packing.py` for what each objective puts in a row. A preference group longer than a row fills a wide row of its
+`rules.py` for what each objective puts in a row. A preference group longer than a row fills a wide row of its
 own (one batch row per part), placed after the packed rows of its window and shuffled with them.
 """
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unitrain.data.packing import check_kind, check_options
-from unitrain.data.plan_items import COUNTS, Columns, extra_items, window_items
-from unitrain.data.ranking import check_mode
+from unitrain.data.epoch.plan_items import COUNTS, Columns, extra_items, window_items
+from unitrain.data.epoch.ranking import check_mode
+from unitrain.data.epoch.rules import check_kind, check_options
 
 CHUNK = 1 << 20  # items per slice when moving a source's planned items down over a gap (bounded scratch)
 
@@ -78,7 +78,7 @@ def _plan_source(columns, region, parts, count, *, offset, packing, S, window, b
     """Pack the `count` documents at the end of `region` window by window, writing the items (global ids) from
     the start of `region`. The writes never overtake the reads: `region` has room for every extra item (pieces,
     parts of split groups)."""
-    from unitrain.data.plan_kernel import pack_window
+    from unitrain.data.epoch.plan_kernel import pack_window
 
     one_per_row = packing["objective"] == "dpo" and packing["mode"] in ("pair", "separate")
     read, write = len(region) - count, 0

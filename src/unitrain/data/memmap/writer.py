@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain.data.bulk import check_batch
-from unitrain.data.format import (
+from unitrain.data.memmap.bulk import check_batch
+from unitrain.data.memmap.format import (
     DEFAULT_SHARD_TOKENS,
     DTYPES,
     FLAG_GROUPS,

@@ -3,7 +3,7 @@
 An item is what the packer places: a pretraining piece of at most `sequence_length` tokens, an SFT document, or
 a preference group (a pair is a group of two responses scored (1, 0)) with its prompt. Per item: its cost in row
 slots and its counts (`COUNTS`: pairs, target tokens, chosen-response target tokens, groups), which become the
-per-row counts that normalize the loss. A group longer than a row is split into parts (`packing.split_group`,
+per-row counts that normalize the loss. A group longer than a row is split into parts (`rules.split_group`,
 each part with its own copy of the prompt) that fill a *wide row* of their own, one batch row per part, so that
 every response of the group is in the same forward pass; a group with a response that does not fit a row even
 with the prompt alone is dropped whole (and counted), as is, in `separate` mode, a group whose prompt + longest
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unitrain.data.packing import split_group
-from unitrain.data.ranking import response_wins
+from unitrain.data.epoch.ranking import response_wins
+from unitrain.data.epoch.rules import split_group
 from unitrain.errors import UnitrainError
 
 COUNTS = ("pairs", "targets", "chosen_targets", "groups")

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from unitrain.data.batch import PackedBatch
-from unitrain.data.packing import check_options, collate, collate_samples, read_rows
-from unitrain.data.plan import PackingPlan, build_plan, plan_rows
-from unitrain.data.ranking import check_mode
+from unitrain.data.batches.collate import collate, collate_samples, read_rows
+from unitrain.data.epoch.plan import PackingPlan, build_plan, plan_rows
+from unitrain.data.epoch.ranking import check_mode
+from unitrain.data.epoch.rules import check_options
 from unitrain.errors import UnitrainError
 
 PLAN_VERSION = 2  # part of the plan cache key: bump when the same settings would plan differently
@@ -113,7 +114,7 @@ class BatchStream:
 
     def _plan_key(self) -> dict:
         """What determines an epoch's plan, but the epoch (digests of the indices computed once)."""
-        from unitrain.data.plan_cache import indices_digest
+        from unitrain.data.epoch.plan_cache import indices_digest
 
         if self._key is None:
             self._key = {
@@ -136,7 +137,7 @@ class BatchStream:
             if self.cache_dir is None:
                 self._plan = self._build()
             else:
-                from unitrain.data.plan_cache import load_or_build
+                from unitrain.data.epoch.plan_cache import load_or_build
 
                 key = {**self._plan_key(), "epoch": self.epoch}
                 self._plan = load_or_build(self.cache_dir, key, self._build)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain.data import columns
-from unitrain.data.format import (
+from unitrain.data.memmap import columns
+from unitrain.data.memmap.format import (
     DTYPES,
     FLAG_GROUPS,
     FLAG_LOSS_SPANS,

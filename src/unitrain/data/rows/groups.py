@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from unitrain.data.sources import (
+from unitrain.data.rows.schemas import (
     Document,
     RowError,
     checked_messages,

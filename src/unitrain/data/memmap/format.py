@@ -1,5 +1,5 @@
 """The on-disk token format's constants and small helpers, shared by the writer (`writer.py`) and the reader
-(`memmap.py`). Layout byte by byte: docs/data-format.md.
+(`reader.py`). Layout byte by byte: docs/data-format.md.
 """
 
 from __future__ import annotations

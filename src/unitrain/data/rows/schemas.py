@@ -2,7 +2,7 @@
 
 A `Document` is a list of text segments with a role each, before tokenization: `plain` (text), `masked` /
 `trained` (SFT), `prompt` / `chosen` / `rejected` (preference). Trade-off: splitting into segments here, and
-tokenizing every segment alone in `tokenize.py`, makes span boundaries exact at token boundaries and keeps the
+tokenizing every segment alone in `prepare/tokenize.py`, makes span boundaries exact at token boundaries and keeps the
 prompt tokens identical for both responses, at the price of tokens that can differ from tokenizing the whole
 text at once where a boundary falls inside a word.
 
@@ -308,8 +308,9 @@ def split_conversations(
     return [prompt_text] + [text[len(prompt_text) :] for text in texts]
 
 
-def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], render=None) -> Document:
-    """One validated row → a Document of text segments; raises RowError."""
+def extract_document(schema: str, row_index: int, row: dict, fields: dict[str, str], render=None) -> Document:
+    """One validated row of any schema but `groups` (see `groups.py`) → a Document of text segments; raises
+    RowError."""
     if schema == "text":
         # spans on a row of a dataset detected as plain text (from its first row) are counted, not lost silently
         ignored = row.get(fields["loss_masking_spans"]) is not None
@@ -321,10 +322,6 @@ def extract(schema: str, row_index: int, row: dict, fields: dict[str, str], rend
     if schema == "conversation":
         segments, roles = _conversation(row, fields, render)
         return Document(row_index, segments, roles)
-    if schema == "groups":
-        from unitrain.data.group_rows import extract_group
-
-        return extract_group(row_index, row, fields, render)
     chosen = string_field(row, fields, "chosen", allow_empty=False)
     rejected = string_field(row, fields, "rejected", allow_empty=False)
     if schema == "preference":

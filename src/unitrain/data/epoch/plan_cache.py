@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain.data.plan import PackingPlan
+from unitrain.data.epoch.plan import PackingPlan
 from unitrain.errors import UnitrainError
 
 MAGIC = b"UNIPLAN\0"

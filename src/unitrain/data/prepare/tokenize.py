@@ -3,7 +3,7 @@
 Every segment is tokenized alone without special tokens (one `encode_batch_fast` call per chunk of rows, the
 raw `tokenizers` speed), so a character span boundary is always a token boundary and no merge crosses the
 prompt/response boundary. BOS is prepended when the tokenizer defines one; EOS is appended to a document and to
-each response, unless the tokens already end with it. The trade-off is the one of `sources.py`: tokens can differ
+each response, unless the tokens already end with it. The trade-off is the one of `rows/schemas.py`: tokens can differ
 from tokenizing the whole text where a boundary cuts a word.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unitrain.data.rows.schemas import Document, RowError
 from unitrain.data.sample import GPTSample
-from unitrain.data.sources import Document, RowError
 from unitrain.errors import UnitrainError
 
 TOKENIZER_FILES = (
