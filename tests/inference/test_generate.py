@@ -132,7 +132,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_checkpoint, tmp_path):
         "--temperature",
         "1.5",
     ]
+    state = torch.get_rng_state()
     first = generate(tmp_path, *argv, "--seed", "3")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is left alone
     again = generate(tmp_path, *argv, "--seed", "3")
     other = generate(tmp_path, *argv, "--seed", "4")
     greedy = generate(

@@ -3,7 +3,7 @@ and a readable print; `--reference` puts the completion of the model training st
 
 Prompts come from `--prompt`, a file (`--prompts`: JSONL strings/messages or text lines) or the pairs a run held
 out (`--held-out RUN_DIR`, the pairs `score --held-out` scores). Greedy by default; `--temperature` > 0 samples
-(with `--top-p` and `--seed`). Decoding is transformers' `generate` (see unitrain.inference.generate).
+(with `--top-p` and `--seed`). Decoding is transformers' `generate` (see unitrain.model.generate).
 """
 
 from __future__ import annotations
@@ -76,16 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.data.tokenize import TextTokenizer
-    from unitrain.inference.generate import (
-        Sampling,
-        complete,
-        encode_prompts,
-        eos_ids,
-        held_out_prompts,
-        read_prompts,
-    )
-    from unitrain.inference.models import model_source, to_transformers
+    from unitrain.data.prepare.tokenize import TextTokenizer
+    from unitrain.inference.models import model_source
+    from unitrain.inference.prompts import encode_prompts, held_out_prompts, read_prompts
+    from unitrain.model.generate import Sampling, complete, eos_ids, to_transformers
     from unitrain.train.dist import resolve_device
 
     started = time.perf_counter()
@@ -136,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if model_path is None:
             continue
         model = to_transformers(model_path.load(DTYPES[args.dtype], device))
-        completions[role] = complete(model, prompts, sampling, args.batch_size)
+        completions[role] = complete(model, [prompt.ids for prompt in prompts], sampling, args.batch_size)
         del model
     rows = [_row(tokenizer, prompt, completions, number) for number, prompt in enumerate(prompts)]
     if args.output:

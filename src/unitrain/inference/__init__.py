@@ -1,1 +1,2 @@
-"""Inference on trained models: which model a path names (checkpoint, adapter, run), and completions from it."""
+"""What a model path names (checkpoint, adapter, run) and the prompts `generate` answers; above `train`, whose
+checkpoints and held-out records it reads."""

@@ -4,9 +4,9 @@ checkpoint, full weights or LoRA adapters over their recorded base).
 
 Each source also knows its tokenizer, its `generation_config.json` (sampling defaults and every EOS id) and the
 model it started from (an adapter's base, a run's `model.path`, its starting adapter or its `initial/` export), so
-`generate --reference` needs no second path. The result is our `Transformer`; `to_transformers` hands the same
-weights to a `transformers` model for its `generate` (KV cache, sampling), so no decoding loop is written here.
-Trade-off: that copy holds the weights twice for a moment (our model is freed right after).
+`generate --reference` needs no second path. The result is our `Transformer` (unitrain.model.generate decodes
+from it). Trade-off: a LoRA run's base is hashed before its adapters are merged in (seconds per GB), so a changed
+base is refused rather than silently generating from another model.
 """
 
 from __future__ import annotations
@@ -136,26 +136,3 @@ def _load_run_checkpoint(checkpoint: Path, dtype: torch.dtype, device):
     apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"])
     load_adapter_state(model, {name: tensor.to(device) for name, tensor in state.items()}, str(checkpoint))
     return merge_lora(model).to(dtype=dtype)
-
-
-def to_transformers(model) -> torch.nn.Module:
-    """A `transformers` causal LM holding `model`'s weights (under their Hugging Face names), in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from unitrain.model.hf import to_hf_state_dict
-
-    hf = model.config.to_hf()
-    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
-    dtype = model.lm_head_weight.dtype
-    device = model.lm_head_weight.device
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(model), strict=False)
-    if unexpected or [
-        name for name in missing if not (name == "lm_head.weight" and config.tie_word_embeddings)
-    ]:
-        raise UnitrainError(
-            f"cannot hand the weights to transformers: missing {missing}, unexpected {unexpected}"
-        )
-    if config.tie_word_embeddings:
-        hf_model.tie_weights()
-    return hf_model.to(device).eval()

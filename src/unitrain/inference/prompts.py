@@ -1,10 +1,6 @@
-"""Completions of prompts: prompts read from a file, the command line or a run's held-out pairs, tokenized as the
-data was (chat template for messages, BOS when the tokenizer has one), then decoded by `transformers`' `generate`.
-
-`generate` brings the KV cache, greedy decoding, temperature and top-p sampling, and stopping at any of several
-EOS ids; nothing here samples by hand. Prompts go in batches, left-padded with an attention mask. Trade-off: a
-batch runs until its longest completion ends, so very uneven completions waste some compute; sampling draws from
-one seeded generator in prompt order, so a seed reproduces a run only with the same prompts and batch size.
+"""Prompts for `generate`: read from a file or the command line and tokenized as `prepare` tokenizes (chat
+template for messages, BOS when the tokenizer has one), or taken as token ids from the pairs a run held out.
+Trade-off: a text file holds one prompt per line, so a multi-line prompt needs JSONL.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from unitrain.errors import UnitrainError
 
@@ -23,24 +18,6 @@ from unitrain.errors import UnitrainError
 class Prompt:
     ids: list[int]  # what the model continues
     source: dict = field(default_factory=dict)  # where it came from, copied into the output row
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    eos_ids: list[int] = field(default_factory=list)
-    pad_id: int = 0
-
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UnitrainError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UnitrainError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UnitrainError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def read_prompts(path: str | Path) -> list[str | list[dict]]:
@@ -127,53 +104,3 @@ def held_out_prompts(
             )
         prompts.append(Prompt([int(i) for i in ids], {"index": index, **extra}))
     return prompts, dataset
-
-
-def complete(
-    model, prompts: list[Prompt], sampling: Sampling, batch_size: int
-) -> list[tuple[list[int], str]]:
-    """(new token ids up to and including the first EOS, "eos" or "length") for each prompt, in order, from a
-    `transformers` model's `generate`."""
-    from transformers import GenerationConfig
-
-    sample = sampling.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=sample,
-        temperature=sampling.temperature if sample else None,
-        top_p=sampling.top_p if sample else None,
-        top_k=None,
-        eos_token_id=sampling.eos_ids or None,
-        pad_token_id=sampling.pad_id,
-    )
-    device = next(model.parameters()).device
-    torch.manual_seed(sampling.seed)
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [prompt.ids for prompt in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), sampling.pad_id, dtype=torch.long)  # (B, W), left-padded
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )  # (B, W + new)
-        for row in output[:, width:].tolist():
-            stop = next((i for i, token in enumerate(row) if token in sampling.eos_ids), None)
-            results.append((row, "length") if stop is None else (row[: stop + 1], "eos"))
-    return results
-
-
-def eos_ids(tokenizer, generation_config: Path | None) -> list[int]:
-    """Every id that ends a completion: the generation config's EOS ids (an instruct model may stop at several)
-    and the tokenizer's EOS."""
-    ids = []
-    if generation_config is not None:
-        value = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids = value if isinstance(value, list) else [] if value is None else [value]
-    if tokenizer is not None and tokenizer.eos_id is not None:
-        ids.append(tokenizer.eos_id)
-    return sorted(set(int(i) for i in ids))
