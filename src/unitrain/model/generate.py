@@ -109,7 +109,8 @@ def to_transformers(model) -> torch.nn.Module:
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)
     dtype = model.lm_head_weight.dtype
     device = model.lm_head_weight.device
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # its random init, overwritten below, draws from a forked generator
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(model), strict=False)
     if unexpected or [
         name for name in missing if not (name == "lm_head.weight" and config.tie_word_embeddings)
