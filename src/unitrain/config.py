@@ -22,6 +22,7 @@ from unitrain.config_sections import (
     BatchSection,
     DataSection,
     DPOSection,
+    EvalSection,
     LoraSection,
     ModelSection,
     OptimizerSection,
@@ -50,6 +51,9 @@ class TrainConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
     train: TrainSection = Field(description="Length, seed, precision.")
     run: RunSection = Field(default_factory=RunSection, description="Output, logging and checkpoint cadence.")
+    eval: EvalSection = Field(
+        default_factory=EvalSection, description="What validation shows besides metrics."
+    )
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
     wandb: WandbSection = Field(
         default_factory=WandbSection, description="Weights & Biases logging (off by default)."

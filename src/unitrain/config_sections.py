@@ -224,6 +224,16 @@ class RunSection(Section):
     )
 
 
+class EvalSection(Section):
+    samples: int = Field(
+        0,
+        ge=0,
+        description="Completions of this many fixed held-out prompts at every validation (rank 0, greedy), in "
+        "`samples.jsonl`, TensorBoard's text tab and a W&B table; 0: none.",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion of `samples`, in tokens.")
+
+
 class ParallelSection(Section):
     fsdp: bool = Field(
         False, description="Shard parameters with FSDP2 `fully_shard` instead of replicating (DDP)."

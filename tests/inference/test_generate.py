@@ -155,3 +155,21 @@ def test_bad_requests_are_one_line(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
     assert main(["generate", "--model", str(tiny_checkpoint), "--prompts", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:1: expected a string" in capsys.readouterr().err
+
+
+def test_a_lora_model_goes_to_transformers_with_its_adapters_folded_in(tiny_checkpoint):
+    from unitrain.model import from_pretrained
+    from unitrain.model.generate import to_transformers
+    from unitrain.model.lora import adapter_state_dict, apply_lora
+
+    model = from_pretrained(tiny_checkpoint)
+    apply_lora(model, 4, 8.0, 0.0, ["q_proj", "v_proj", "up_proj"], seed=1)
+    with torch.no_grad():
+        for tensor in adapter_state_dict(model).values():
+            tensor.normal_(0.0, 0.1)  # B is zero at init: make every adapter count
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    input_ids = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids)
+        torch.testing.assert_close(to_transformers(model)(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())

@@ -99,19 +99,37 @@ def eos_ids(tokenizer, generation_config: Path | None) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
+def plain_state_dict(model) -> dict[str, torch.Tensor]:
+    """`model`'s weights under our names with every LoRA adapter folded into its base weight (the model itself is
+    left as it is: training goes on after a validation's samples)."""
+    from unitrain.model.lora import lora_linears
+
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items() if ".lora_" not in name}
+    for name, module in lora_linears(model).items():
+        state[f"{name}.weight"] = module.merged_weight()
+    return state
+
+
 def to_transformers(model) -> torch.nn.Module:
-    """A `transformers` causal LM holding `model`'s weights (under their Hugging Face names), in eval mode."""
+    """A `transformers` causal LM holding `model`'s weights (adapters folded in) under their Hugging Face names,
+    in eval mode, on `model`'s device and in its dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unitrain.model.hf import to_hf_state_dict
+    from unitrain.model.hf import SPLIT_SIZES, hf_names
 
     hf = model.config.to_hf()
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)
     dtype = model.lm_head_weight.dtype
     device = model.lm_head_weight.device
-    with torch.random.fork_rng(devices=[]):  # its random init, overwritten below, draws from a forked generator
+    # its random init, overwritten below, draws from a forked generator: the caller's random state is kept
+    with torch.random.fork_rng(devices=[]):
         hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(model), strict=False)
+    tensors = {}
+    for name, tensor in plain_state_dict(model).items():
+        template, names = hf_names(name)
+        parts = tensor.split(SPLIT_SIZES[template](model.config)) if len(names) > 1 else [tensor]
+        tensors.update(zip(names, parts, strict=True))
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     if unexpected or [
         name for name in missing if not (name == "lm_head.weight" and config.tie_word_embeddings)
     ]:

@@ -30,6 +30,7 @@ from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
 from unitrain.train.policy import PolicyLogprobs, load_policy
+from unitrain.train.samples import Samples
 from unitrain.train.validation import Validation
 from unitrain.train.wandb_logger import require_wandb
 
@@ -84,7 +85,7 @@ class Trainer:
             self.loss_config = config.preference_loss_config()
             self.reference = self._make_reference()
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
-        self.validation = Validation(self)
+        self.validation, self.samples = Validation(self), Samples(self)
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
         sharded = config.parallel.fsdp and context.is_distributed
         self.optimizer = build_optimizer(self.model, config.optimizer, sharded=sharded)
@@ -96,9 +97,7 @@ class Trainer:
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
         self._signal: str | None = None  # set by the handler on this rank
-        self._stopping = (
-            False  # agreed by all ranks in the step's reduction, so they all save and stop together
-        )
+        self._stopping = False  # agreed by all ranks in the step's reduction: they save and stop together
 
     def _report_packing(self) -> None:
         if self.context.is_main:
@@ -300,8 +299,8 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks."""
-        return self.validation.evaluate()
+        """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks; eval.samples."""
+        return {**self.validation.evaluate(), **self.samples.log(self.step)}
 
     # -- the loop -------------------------------------------------------------------------------------------
     @property
@@ -323,6 +322,7 @@ class Trainer:
             wandb=self.config.wandb,
             run_config=self.config.model_dump(mode="json"),
         )
+        self.samples.writer = writer
         finished = self.resume_from is not None and self.step >= total
         if finished and self.context.is_main:
             print(
