@@ -236,3 +236,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_hub_ids(config: TrainConfig) -> TrainConfig:
+    """A copy of `config` whose `model.path`, `dpo.reference_model` and `lora.adapter` are local directories:
+    Hugging Face Hub ids (`org/name[@revision]`) resolved through the cache (unitrain.hub); a local path wins."""
+    from unitrain.hub import resolve_model
+
+    resolved = config.model_copy(deep=True)
+    resolved.model.path = resolve_model(config.model.path, "model.path")
+    resolved.dpo.reference_model = resolve_model(config.dpo.reference_model, "dpo.reference_model")
+    resolved.lora.adapter = resolve_model(config.lora.adapter, "lora.adapter")
+    return resolved

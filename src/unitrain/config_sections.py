@@ -25,7 +25,11 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="Hugging Face checkpoint directory to start from.")
+    path: str | None = Field(
+        None,
+        description="Hugging Face checkpoint directory to start from, or a Hub id `org/name[@revision]` (resolved "
+        "through the Hugging Face cache; a local directory of that name wins; `HF_HUB_OFFLINE=1`: the cache only).",
+    )
     config: dict[str, Any] | None = Field(
         None,
         description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
@@ -131,7 +135,9 @@ class DPOSection(Section):
         "a cache next to the run), `none` (reference-free losses only).",
     )
     reference_model: str | None = Field(
-        None, description="Checkpoint of the reference model; default: the starting policy."
+        None,
+        description="Checkpoint of the reference model (a directory or a Hub id `org/name[@revision]`, as "
+        "`model.path`); default: the starting policy.",
     )
     reference_cache_dir: str | None = Field(
         None,
@@ -276,8 +282,9 @@ class LoraSection(Section):
     )
     adapter: str | None = Field(
         None,
-        description="A PEFT LoRA adapter directory to start from (e.g. the `hf` export of a LoRA SFT run); its "
-        "rank, alpha, target modules and base (`model.path`) must match. It is also the DPO reference.",
+        description="A PEFT LoRA adapter directory (or a Hub id `org/name[@revision]`, as `model.path`) to start "
+        "from (e.g. the `hf` export of a LoRA SFT run); its rank, alpha, target modules and base (`model.path`) "
+        "must match. It is also the DPO reference.",
     )
 
     @field_validator("rank")

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="Hugging Face checkpoint, PEFT adapter directory, training checkpoint or run directory",
+        help="Hugging Face checkpoint, PEFT adapter directory, training checkpoint, run directory, or Hub id "
+        "org/name[@revision]",
     )
     parser.add_argument("--base", help="base checkpoint of an adapter (default: its base_model_name_or_path)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.prepare.tokenize import TextTokenizer
+    from unitrain.hub import resolve_model
     from unitrain.inference.models import model_source
     from unitrain.inference.prompts import encode_prompts, held_out_prompts, read_prompts
     from unitrain.model.generate import Sampling, complete, eos_ids, to_transformers
@@ -90,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.prompt or args.prompts or args.held_out):
         raise UnitrainError("no prompts: give --prompt TEXT, --prompts FILE or --held-out RUN_DIR")
     device = resolve_device(args.device, setting="--device ")
+    for name in ("model", "base"):
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
+    if args.reference not in (None, START):
+        args.reference = resolve_model(args.reference, "--reference")
     source = model_source(args.model, args.base)
     reference = None
     if args.reference == START:

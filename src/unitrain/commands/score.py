@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="Hugging Face checkpoint directory of the model to score, or a PEFT LoRA adapter directory",
+        help="Hugging Face checkpoint directory of the model to score, a PEFT LoRA adapter directory, or a "
+        "Hugging Face Hub id org/name[@revision]",
     )
     parser.add_argument(
         "--base", help="base checkpoint of adapter directories (default: their base_model_name_or_path)"
@@ -121,6 +122,7 @@ def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap.reader import GPTMemmapDataset
+    from unitrain.hub import resolve_model
     from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
     from unitrain.train.compat import check_tokenizer, check_vocab_size
     from unitrain.train.data import held_out_indices
@@ -128,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from unitrain.train.lora import check_adapter_base
 
     started = time.perf_counter()
+    for name in ("model", "reference", "base"):
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
     dataset = GPTMemmapDataset(args.data)
     if dataset.kind != "preference":
         raise UnitrainError(f"{args.data}: score needs a preference dataset, this one is {dataset.kind}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from unitrain.config import TrainConfig, config_to_yaml
+from unitrain.config import TrainConfig, config_to_yaml, resolve_hub_ids
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
@@ -395,6 +395,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Run (or resume) training as described by `config`; joins the torchrun process group when launched so."""
     context = init_distributed(config.train.device)
     try:
-        return Trainer(config, context, resume).fit()
+        return Trainer(resolve_hub_ids(config), context, resume).fit()
     finally:
         shutdown(context)
