@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")  # renamed at the end: never a half-written output
     totals = [0, 0, 0]  # ordered pairs, correctly ordered pairs, top-1 hits
+    pairs = []  # (reward margin, longer response's tokens, chosen log-prob minus the reference's) of each pair
     with partial.open("w") as handle:
         for index in sorted(scored["policy"]):
             logps, tokens = scored["policy"][index]
@@ -174,10 +175,19 @@ def run(args: argparse.Namespace) -> int:
             scores = dataset[index].group_scores.tolist()
             counts = _ranking(scores, rewards)
             totals = [total + count for total, count in zip(totals, counts)]
+            if scores == [1.0, 0.0]:
+                pairs.append((rewards[0] - rewards[1], max(tokens), rewards[0]))
             handle.write(json.dumps(_row(index, logps, tokens, scores, args.reference and reference)) + "\n")
     partial.replace(output)
     groups = len(scored["policy"])
     print(_summary(args, groups, skipped, totals, dataset.is_groups, time.perf_counter() - started))
+    if pairs:
+        from unitrain.inference.report import preference_report
+
+        margins, lengths, gains = np.array(pairs).T  # (P,) each
+        print(
+            "\n".join(preference_report(margins, lengths.astype(np.int64), gains if args.reference else None))
+        )
     return 0
 
 
