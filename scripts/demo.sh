@@ -84,8 +84,8 @@ echo "== generate: held-out prompts answered before (the starting model) and aft
 unitrain generate --model "$OUT/run" --reference --held-out "$OUT/run" --limit 3 --max-new-tokens 48 \
     --output "$OUT/answers.jsonl"
 
-echo "== plot: $OUT/run/curves.png"
-unitrain plot "$OUT/run"
+echo "== plot: $OUT/run/curves.png (with the held-out reward margins)"
+unitrain plot "$OUT/run" --scores "$OUT/scores.jsonl"
 
 echo "== done in $((SECONDS - started)) s: run $OUT/run (metrics.jsonl, samples.jsonl, curves.png, hf/)," \
     "scores $OUT/scores.jsonl, answers $OUT/answers.jsonl"

@@ -1,12 +1,13 @@
 """A GGUF file (llama.cpp's format) → a Hugging Face checkpoint directory that `model.path` takes.
 
-transformers reads the GGUF (dequantizing its tensors with the `gguf` package, an optional extra imported only
-here) and rebuilds its tokenizer, chat template included, from the file's metadata; the weights then go through
-our own `from_hf_tensors`/`save_pretrained`, so the checkpoint is written exactly as every export is. transformers
-marks a model read from a GGUF as quantized and refuses to save it, which this route never asks it to. The file's
-architecture is checked first, from its metadata alone, so an architecture that transformers cannot read or that
-unitrain does not train is one line before any tensor is read. Trade-off: a quantized file is dequantized to
-fp32 (a Q4 file grows about 8x on disk); the quantization error stays in the weights.
+transformers reads the GGUF (dequantizing its tensors with the `gguf` package; `gguf` and `accelerate` form an
+optional extra, imported only here) and rebuilds its tokenizer, chat template included, from the file's
+metadata; the weights then go through our own `from_hf_tensors`/`save_pretrained`, so the checkpoint is written
+exactly as every export is. transformers marks a model read from a GGUF as quantized and refuses to save it,
+which this route never asks it to. The file's architecture is checked first, from its metadata alone, so an
+architecture that transformers cannot read or that unitrain does not train is one line before any tensor is
+read. Trade-off: a quantized file is dequantized to fp32 (a Q4 file grows about 8x on disk); the quantization
+error stays in the weights.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ TRAINABLE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": 
 
 def gguf_architecture(path: Path) -> str:
     """`general.architecture` of a GGUF file, read from its metadata (no tensor is loaded)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UnitrainError("import-gguf needs the gguf package: pip install 'unitrain[gguf]'") from None
+    import importlib.util
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:  # transformers reads a GGUF through both
+        raise UnitrainError(f"import-gguf needs {' and '.join(missing)}: pip install 'unitrain[gguf]'")
+    from gguf import GGUFReader
+
     try:
         field = GGUFReader(path).fields["general.architecture"]
     except KeyError:
