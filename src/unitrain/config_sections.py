@@ -32,8 +32,20 @@ class ModelSection(Section):
     )
     config: dict[str, Any] | None = Field(
         None,
-        description="From-scratch architecture as Hugging Face Llama `config.json` keys (e.g. `hidden_size`, "
-        "`num_hidden_layers`); `vocab_size` defaults to the dataset's. Weights are randomly initialised.",
+        description="From-scratch architecture as Hugging Face `config.json` keys (e.g. `hidden_size`, "
+        "`num_hidden_layers`); a Llama unless `architectures` or `model_type` names another; `vocab_size` defaults "
+        "to the dataset's. Weights are randomly initialised.",
+    )
+    backend: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="`native`: unitrain's own decoder (Llama, Mistral, Qwen2, Qwen3); `transformers`: any decoder-only "
+        "causal LM transformers builds, with unitrain's attention inside it (docs/models.md); `auto`: native for "
+        "the four families it implements, transformers for every other.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run a checkpoint's own Python modeling code (`auto_map` in config.json; transformers backend). "
+        "Never done unless true.",
     )
 
     @model_validator(mode="after")
@@ -278,7 +290,8 @@ class LoraSection(Section):
         list(LORA_TARGET_MODULES),
         description="Hugging Face projections that get an adapter, in every layer: "
         + ", ".join(f"`{name}`" for name in LORA_TARGET_MODULES)
-        + ".",
+        + " (unitrain's decoder); on the transformers backend the model's own linear modules by name (e.g. "
+        "`query_key_value` for GPT-NeoX), checked against the model when it is built.",
     )
     adapter: str | None = Field(
         None,
@@ -299,8 +312,8 @@ class LoraSection(Section):
     def _known_modules(cls, names: list[str]) -> list[str]:
         if not names:
             raise ValueError("name at least one module")
-        for name in names:
-            if name not in LORA_TARGET_MODULES:
+        for name in names:  # the model's own names on the transformers backend: checked against the model
+            if not name.isidentifier():
                 close = difflib.get_close_matches(name, LORA_TARGET_MODULES, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ValueError(f"unknown module '{name}' ({hint}valid: {', '.join(LORA_TARGET_MODULES)})")

@@ -70,3 +70,25 @@ def test_chunked_logprobs_on_gpu():
     torch.testing.assert_close(result.logps, expected, atol=1e-4, rtol=1e-4)
     for actual, reference in zip(grads, expected_grads):
         torch.testing.assert_close(actual, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "mixtral"])
+def test_flex_inside_a_transformers_model_equals_eager_transformers(architecture):
+    """The transformers backend on CUDA (flex, with Gemma 2's soft-caps and windows) against eager transformers on
+    each sequence alone, fp32."""
+    from unitrain.train.reference import pair_logps_of
+
+    from ..preference.conftest import ListDataset, packed_batch, random_pairs, standalone_pair_logps
+    from .transformers_configs import build, twin_logits
+
+    model, twin = build(architecture)
+    model, twin = model.to("cuda"), twin.to("cuda")
+    pairs = ListDataset(random_pairs(7, seed=21, prompt=(2, 9), response=(1, 7)), "preference")
+    batch = packed_batch(pairs, "packed", True, sequence_length=40).to("cuda")
+    forward = twin_logits(twin)
+    with torch.no_grad():
+        expected = torch.stack(
+            [standalone_pair_logps(lambda ids: forward(ids.cuda()).cpu(), pairs[i]) for i in range(7)]
+        )
+        sums = pair_logps_of(model, batch)[0][batch.group_index.argsort()].cpu()
+    torch.testing.assert_close(sums, expected, rtol=1e-4, atol=1e-4)

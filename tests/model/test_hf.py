@@ -77,9 +77,10 @@ def test_unsupported_architecture_is_refused_in_one_line(random_hf_model, tmp_pa
     config["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnitrainError) as error:
-        from_pretrained(tmp_path)
+        from_pretrained(tmp_path, backend="native")
     message = str(error.value)
     assert "\n" not in message and "GPT2LMHeadModel" in message and "config.json" in message
+    assert "model.backend transformers" in message
     for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert supported in message
 

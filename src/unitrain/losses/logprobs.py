@@ -28,7 +28,7 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 class _ChunkedTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, with_argmax, compute_dtype):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, targets, chunk_size, with_argmax, compute_dtype, softcap):  # noqa: ANN001, ANN205
         # hidden (N, D), weight (V, D), targets (N,)
         weight_c = weight.to(compute_dtype)  # (V, D)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
@@ -39,6 +39,8 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], chunk_size):
             end = min(begin + chunk_size, hidden.shape[0])
             logits = (weight_c @ hidden[begin:end].to(compute_dtype).T).float()  # (V, C)
+            if softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
             target_logits = logits.gather(0, targets[None, begin:end]).squeeze(0)  # (C,)
             if with_argmax:
                 correct[begin:end] = logits.argmax(dim=0) == targets[begin:end]
@@ -47,7 +49,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             log_norms[begin:end] = logits.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
             logps[begin:end] = target_logits - log_norms[begin:end]
         ctx.save_for_backward(hidden, weight, targets, log_norms)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        ctx.chunk_size, ctx.compute_dtype, ctx.softcap = chunk_size, compute_dtype, softcap
         if correct is not None:
             ctx.mark_non_differentiable(correct)
         return logps, correct
@@ -65,18 +67,24 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             end = min(begin + ctx.chunk_size, hidden.shape[0])
             hidden_c = hidden[begin:end].to(ctx.compute_dtype)  # (C, D)
             logits = (weight_c @ hidden_c.T).float()  # (V, C)
+            if ctx.softcap is not None:  # capped = c * tanh(raw / c); d capped / d raw = 1 - tanh^2
+                tanh = logits.div_(ctx.softcap).tanh_()
+                slope = 1 - tanh * tanh
+                logits = tanh.mul_(ctx.softcap)
             # d logp / d logits = onehot(target) - softmax(logits)
             grad_logits = logits.sub_(log_norms[None, begin:end]).exp_().mul_(-grad_logps[None, begin:end])
             grad_logits.scatter_add_(
                 0, targets[None, begin:end], grad_logps[None, begin:end].float()
             )  # (V, C)
+            if ctx.softcap is not None:
+                grad_logits.mul_(slope)
             if need_hidden:
                 grad_hidden[begin:end] = (grad_logits.T.to(ctx.compute_dtype) @ weight_c).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_logits, hidden_c.float())  # (V, D)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def target_logprobs(
@@ -86,12 +94,14 @@ def target_logprobs(
     targets: torch.Tensor,
     chunk_size: int = 512,
     with_argmax: bool = False,
+    softcap: float | None = None,
 ) -> TargetLogprobs:
     """Log-prob of each target predicted from an explicit slot.
 
     hidden (R, T, D) final-norm hidden states; lm_head_weight (V, D); positions (N,) flat slot indices r * T + t
     whose hidden state predicts each target; targets (N,) token ids. Returns `TargetLogprobs` with logps (N,)
     fp32 and, when `with_argmax`, correct (N,) bool. Differentiable with respect to hidden and the weight.
+    `softcap` caps the logits as `softcap * tanh(logits / softcap)` before the softmax (Gemma 2's final soft-capping).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -99,6 +109,6 @@ def target_logprobs(
     selected = hidden.reshape(-1, width).index_select(0, positions)  # (N, D)
     compute_dtype = _compute_dtype(selected)
     logps, correct = _ChunkedTargetLogprobs.apply(
-        selected, lm_head_weight, targets, chunk_size, with_argmax, compute_dtype
+        selected, lm_head_weight, targets, chunk_size, with_argmax, compute_dtype, softcap
     )
     return TargetLogprobs(logps, correct)

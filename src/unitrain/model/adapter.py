@@ -35,6 +35,7 @@ from unitrain.model.lora import (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+HF_PREFIX = "hf."  # a transformers-backend model holds the transformers model as `hf`
 BASE_HASH_KEY = "unitrain_base_sha256"  # safetensors metadata: the base weights the adapter was trained on
 # PEFT options whose non-default value changes what the adapter computes; LoraLinear implements the defaults only
 UNSUPPORTED = {
@@ -57,6 +58,8 @@ UNSUPPORTED = {
 def peft_name(our_name: str) -> str:
     """'layers.3.attention.qkv.lora_A.q_proj' -> 'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight'."""
     module_name, kind, projection = our_name.rsplit(".", 2)
+    if module_name.startswith(HF_PREFIX):  # the transformers backend: already the model's own names
+        return f"{PEFT_PREFIX}{module_name.removeprefix(HF_PREFIX)}.{kind}.weight"
     _, names = hf_names(f"{module_name}.weight")
     (hf_weight,) = [name for name in names if name.split(".")[-2] == projection]
     return f"{PEFT_PREFIX}{hf_weight.removesuffix('.weight')}.{kind}.weight"
@@ -149,10 +152,12 @@ def read_adapter_config(directory: str | Path) -> dict:
     targets = config.get("target_modules")
     if not isinstance(targets, list):
         raise UnitrainError(f"{path}: target_modules must be a list of module names, got {targets!r}")
-    unknown = sorted(set(targets) - set(LORA_TARGET_MODULES))
-    if unknown:
+    # which projections a model has is checked when the adapter is applied (`apply_lora`); heads never
+    refused = sorted(name for name in targets if not isinstance(name, str) or name == "lm_head" or "embed" in name)
+    if refused:
         raise UnitrainError(
-            f"{path}: target module {unknown[0]!r} is not supported; supported: {', '.join(LORA_TARGET_MODULES)}"
+            f"{path}: target module {refused[0]!r} is not supported; adapters go on the linears of the decoder "
+            f"layers (unitrain's decoder: {', '.join(LORA_TARGET_MODULES)}; the transformers backend: the model's own)"
         )
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or config[key] <= 0:

@@ -50,21 +50,50 @@ def attention_rule(
 
 
 class Attention:
-    """Built once per batch by `build_attention`; called per layer as attention(q, k, v) -> (R, T, H, Dh)."""
+    """Built once per batch by `build_attention`; called per layer as attention(q, k, v) -> (R, T, H, Dh).
+
+    `scale` (None: 1/sqrt(Dh)) and `softcap` (scores become softcap * tanh(scores / softcap), Gemma 2) are per
+    call: architectures run through the transformers backend set them per layer."""
 
     def __init__(self, backend: str, run: Callable[..., torch.Tensor]) -> None:
         self.backend = backend
         self._run = run
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
         """q (R, T, H, Dh), k and v (R, T, Hkv, Dh) -> (R, T, H, Dh)."""
-        return self._run(q, k, v)
+        return self._run(q, k, v, scale, softcap)
+
+
+def _sdpa(q, k, v, mask, is_causal: bool, scale: float | None, softcap: float | None) -> torch.Tensor:  # noqa: ANN001
+    """SDPA on (B, H, L, Dh) with grouped-query k/v; with `softcap` the scores are capped before the softmax (an
+    explicit (B, H, L, L) score matrix: SDPA has no soft-capping)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        length = q.shape[2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 
 def causal_attention() -> Attention:
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(  # (R, H, T, Dh)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+        out = _sdpa(  # (R, H, T, Dh)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, scale, softcap
         )
         return out.transpose(1, 2)
 
@@ -107,9 +136,9 @@ def dense_mask(batch: PackedBatch, sliding_window: int | None = None) -> torch.T
 def _dense_attention(batch: PackedBatch, sliding_window: int | None) -> Attention:
     mask = dense_mask(batch, sliding_window)  # (R, 1, T, T)
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(  # (R, H, T, Dh)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+        out = _sdpa(  # (R, H, T, Dh)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale, softcap
         )
         return out.transpose(1, 2)
 
@@ -198,7 +227,7 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
     to_padded = (torch.cat(padded_sources), torch.cat(padded_zero))
     to_flat = (flat_source.clamp(min=0), torch.nonzero(flat_source < 0).squeeze(1))
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
         rows, length, heads, head_dim = q.shape
         q_pad, k_pad, v_pad = (  # (P, heads, Dh): every document padded to its bucket's length
             _Regather.apply(t.reshape(rows * length, t.shape[2], head_dim), *to_padded, *to_flat)
@@ -212,9 +241,7 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
                 .transpose(1, 2)
                 for t in (q_pad, k_pad, v_pad)
             )
-            out = F.scaled_dot_product_attention(  # (docs, H, L, Dh)
-                q_b, k_b, v_b, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
+            out = _sdpa(q_b, k_b, v_b, mask, mask is None, scale, softcap)  # (docs, H, L, Dh)
             outputs.append(out.transpose(1, 2).reshape(-1, heads, head_dim))  # (docs*L, H, Dh)
         merged = _Regather.apply(torch.cat(outputs), *to_flat, *to_padded)  # (R*T, H, Dh)
         return merged.view(rows, length, heads, head_dim)
@@ -243,10 +270,17 @@ def _flex_attention(batch: PackedBatch, sliding_window: int | None) -> Attention
     block_mask = create_block_mask(mask_mod, rows, None, length, length, device=doc.device)
     flex = _compiled_flex
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+        score_mod = None
+        if softcap is not None:
+
+            def score_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+                return torch.tanh(score / softcap) * softcap
+
         out = flex(  # (R, H, T, Dh)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=True
-        )
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+            block_mask=block_mask, scale=scale, enable_gqa=True,
+        )  # fmt: skip
         return out.transpose(1, 2)
 
     return Attention("flex", run)

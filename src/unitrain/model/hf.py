@@ -122,9 +122,16 @@ class _CheckpointReader:
 
 
 def from_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Transformer:
-    """Load a Hugging Face checkpoint directory. `dtype` None = float32 (training master weights)."""
+    """Load a Hugging Face checkpoint directory. `dtype` None = float32 (training master weights). `backend`
+    (auto | native | transformers) picks the decoder (`model/transformers_backend.py` for the transformers one)."""
+    from unitrain.model.transformers_backend import load_hf_model, resolve_backend
+
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -133,6 +140,8 @@ def from_pretrained(
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise UnitrainError(f"{config_path}: invalid JSON ({error})") from None
+    if resolve_backend(hf_config, backend, str(config_path)) == "transformers":
+        return load_hf_model(directory, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     config = ModelConfig.from_hf(hf_config, source=str(config_path))
     with torch.device("meta"):
         model = Transformer(config)
@@ -181,9 +190,13 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     """Write config.json, generation_config.json (when BOS/EOS/PAD are known) and safetensors weights that
     `transformers.AutoModelForCausalLM` loads as is.
 
-    Above `max_shard_size` the weights are split into `model-0000k-of-0000n.safetensors` plus an index.
+    Above `max_shard_size` the weights are split into `model-0000k-of-0000n.safetensors` plus an index. A
+    transformers-backend model is written by its own `save_pretrained`.
     """
     directory = Path(path)
+    if not isinstance(model, Transformer):
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.cpu() for name, tensor in to_hf_state_dict(model).items()}
     limit = _parse_size(max_shard_size)

@@ -139,7 +139,7 @@ def lora_linears(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def apply_lora(
-    model: Transformer,
+    model: nn.Module,
     rank: int,
     alpha: float,
     dropout: float,
@@ -147,18 +147,33 @@ def apply_lora(
     seed: int = 0,
 ) -> dict[str, LoraLinear]:
     """Freeze every parameter of `model` and put LoRA adapters (fp32, on the weights' device) on the targeted
-    projections of every layer, in place. `seed` draws the A matrices identically on every rank."""
-    unknown = sorted(set(target_modules) - set(LORA_TARGET_MODULES))
+    projections of every layer, in place. `seed` draws the A matrices identically on every rank. On the
+    transformers backend (`HFCausalLM`) the targets are the model's own linear modules, named by their last name
+    component as `peft` names them (`query_key_value`, `q_proj`, ...), each a `LoraLinear` of one part."""
+    native = isinstance(model, Transformer)
+    head = None if native else model.hf.get_output_embeddings()
+    linears = {  # the transformers backend: every linear but the head, by its leaf name
+        name.rpartition(".")[2]
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not head
+    }
+    valid = LORA_TARGET_MODULES if native else sorted(linears)
+    unknown = sorted(set(target_modules) - set(valid))
     if unknown:
-        raise ValueError(
-            f"unknown LoRA target module {unknown[0]!r}; valid: {', '.join(LORA_TARGET_MODULES)}"
-        )
+        from unitrain.errors import UnitrainError
+
+        what = "unitrain's decoder" if native else type(model.hf).__name__
+        names = ", ".join(valid) or "none (its projections are not torch.nn.Linear modules, e.g. GPT-2's Conv1D)"
+        raise UnitrainError(f"unknown LoRA target module {unknown[0]!r} for {what}; valid: {names}")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, LoraLinear) or name == "lm_head":
             continue
-        parts = projections(model, name)
+        if module is head:
+            continue
+        leaf = name.rpartition(".")[2]
+        parts = projections(model, name) if native else [(leaf, module.out_features)]
         targets = [part for part, _ in parts if part in target_modules]
         if not targets:
             continue
@@ -220,7 +235,7 @@ def reference_adapters(model: nn.Module) -> Iterator[None]:
             module.use_reference = False
 
 
-def merge_lora(model: Transformer) -> Transformer:
+def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain linears back, in place; returns `model`."""
     for name, module in lora_linears(model).items():
         linear = nn.Linear(

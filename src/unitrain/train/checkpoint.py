@@ -217,11 +217,17 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
 
 def _export_full(checkpoint: Path, directory: Path) -> None:
     from unitrain.model import ModelConfig, build_model, save_pretrained
+    from unitrain.model.transformers_backend import BACKEND_KEY, build_empty
 
-    model_config = ModelConfig.from_hf(json.loads((checkpoint / "model_config.json").read_text()))
-    with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
-        model = build_model(model_config)
+    hf = json.loads((checkpoint / "model_config.json").read_text())
+    if hf.get(BACKEND_KEY) == "transformers":  # the model's own class and save_pretrained
+        model = build_empty(hf, str(checkpoint / "model_config.json"))
+    else:
+        with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
+            model = build_model(ModelConfig.from_hf(hf))
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
+    if hf.get(BACKEND_KEY) == "transformers":
+        model.hf.tie_weights()  # assign=True replaced the shared tensor of a tied head by two copies
     save_pretrained(model, directory)
 
 

@@ -87,6 +87,8 @@ def wrap_model(module: torch.nn.Module, context: DistContext, fsdp: bool) -> tor
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        for layer in getattr(getattr(module, "model", None), "fsdp_units", list)():
+            fully_shard(layer)  # each decoder layer its own unit (the transformers backend)
         return fully_shard(module)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

@@ -65,7 +65,9 @@ class LoraRun:
             from unitrain.model import from_pretrained
 
             with torch.no_grad():
-                for name, tensor in from_pretrained(self.base_path).state_dict().items():
+                backend, remote = config.model.backend, config.model.trust_remote_code
+                base = from_pretrained(self.base_path, backend=backend, trust_remote_code=remote)
+                for name, tensor in base.state_dict().items():
                     model.get_parameter(name).copy_(tensor)
         device = next(model.parameters()).device
         model.to(base_dtype(config, device))
@@ -148,7 +150,8 @@ def export_checkpoint(checkpoint: Path, meta: dict, output: Path, merge: bool) -
         raise UnitrainError(f"{checkpoint}: its base model {base} is not a checkpoint directory here")
     if weights_hash(base) != lora["base_sha256"]:
         raise UnitrainError(f"{checkpoint}: the base model {base} changed since the adapters were trained")
-    model = from_pretrained(base)
+    transformers = any(name.startswith("hf.") for name in adapters)  # trained on the transformers backend
+    model = from_pretrained(base, backend="transformers" if transformers else "auto")
     apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"])
     load_adapter_state(model, adapters, str(checkpoint / "model.safetensors"))
     save_pretrained(merge_lora(model), output)

@@ -31,6 +31,7 @@ class PolicyLogprobs(torch.nn.Module):
             batch.target_positions,
             batch.target_tokens,
             chunk_size=self.chunk_size,
+            softcap=getattr(self.model, "logit_softcap", None),
         ).logps  # (N,)
 
 
@@ -38,20 +39,26 @@ def load_policy(
     config: TrainConfig, data: TrainingData, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
+    from unitrain.model.transformers_backend import build_hf_model, resolve_backend
 
     for checkpoint in (config.model.path, config.dpo.reference_model):
         if checkpoint is not None:
             allowed = config.data.allow_tokenizer_mismatch
             check_tokenizer(checkpoint, data.datasets, allowed, "data.allow_tokenizer_mismatch=true")
+    backend, remote = config.model.backend, config.model.trust_remote_code
     if config.model.path is not None:
-        model = from_pretrained(config.model.path, dtype=dtype)
+        model = from_pretrained(config.model.path, dtype=dtype, backend=backend, trust_remote_code=remote)
     else:
         torch.manual_seed(config.train.seed)
         # BOS/EOS of the data's tokenizer go into config.json, so that an export's `generate` stops at EOS
         special = {"bos_token_id": data.datasets[0].bos_id, "eos_token_id": data.eos_id}
-        hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": data.vocab_size, **special}
-        hf.update(config.model.config)
-        model = build_model(ModelConfig.from_hf(hf, source="model.config"))
+        hf = {"vocab_size": data.vocab_size, **special, **config.model.config}
+        if "architectures" not in hf and "model_type" not in hf:
+            hf["architectures"] = ["LlamaForCausalLM"]
+        if resolve_backend(hf, backend, "model.config") == "transformers":
+            model = build_hf_model(hf, "model.config", trust_remote_code=remote).to(dtype)
+        else:
+            model = build_model(ModelConfig.from_hf(hf, source="model.config"))
     check_vocab_size(model.config.vocab_size, data.vocab_size, config.model.path or "model.config")
     model.gradient_checkpointing = config.train.activation_checkpointing  # training forwards only
     return model

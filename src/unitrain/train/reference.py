@@ -68,8 +68,9 @@ def weights_hash(model_path: str | Path, progress: bool = False) -> str:
 def response_logps_of(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (Rb,) and token counts (Rb,) of every response of a preference batch under `model`."""
     hidden = model.hidden_states(batch)  # (R, T, D)
+    softcap = getattr(model, "logit_softcap", None)  # Gemma 2 (transformers backend)
     logps = target_logprobs(
-        hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens
+        hidden, model.lm_head_weight, batch.target_positions, batch.target_tokens, softcap=softcap
     ).logps  # (N,)
     return response_logps(logps, batch.target_response, batch.num_responses)
 
@@ -139,6 +140,8 @@ def make_reference(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     adapter: str | Path | None = None,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> Reference:
     """Build the reference of `kind` (none | model | cached). `datasets` and `cache_dir` matter for `cached` only;
     `on_mismatch` is `recompute` or `error`; `sequence_length` and `micro_batch_size` size the caching pass;
@@ -153,7 +156,9 @@ def make_reference(
 
     def load() -> torch.nn.Module:
         if adapter is None:
-            return from_pretrained(model_path, dtype=dtype, device=device)
+            return from_pretrained(
+                model_path, dtype=dtype, device=device, backend=backend, trust_remote_code=trust_remote_code
+            )
         return load_merged(adapter, base=model_path, dtype=dtype, device=device)
 
     if kind == "model":

@@ -97,7 +97,7 @@ class Trainer:
             context.device.type, torch.bfloat16, enabled=config.train.dtype == "bfloat16"
         )
         self._signal: str | None = None  # set by the handler on this rank
-        self._stopping = False  # agreed by all ranks in the step's reduction: they save and stop together
+        self._stopping = False  # agreed by all ranks in the step's reduction: they all save and stop together
 
     def _report_packing(self) -> None:
         if self.context.is_main:
@@ -126,6 +126,8 @@ class Trainer:
                 dtype=torch.bfloat16 if bf16 else torch.float32,
                 progress=self.config.run.progress and self.context.is_main,
                 adapter=None if dpo.reference_model or self.lora is None else self.config.lora.adapter,
+                backend=self.config.model.backend,
+                trust_remote_code=self.config.model.trust_remote_code,
             )
 
         if dpo.reference != "cached" or not self.context.is_distributed:
