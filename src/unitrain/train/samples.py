@@ -23,12 +23,11 @@ PRETRAIN_PROMPT_TOKENS = 32
 
 
 class Samples:
-    """`log(step)` for a Trainer: generate, hand the rows to `writer.log_samples`, return the time it took."""
+    """`log(step)` for a Trainer: generate, hand the rows to its `writer.log_samples`, return the time it took."""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.count = trainer.config.eval.samples
-        self.writer = None  # the run's MetricsWriter, set when training starts
         if self.count and trainer.config.parallel.fsdp and trainer.context.is_distributed:
             raise UnitrainError(
                 "eval.samples needs the whole weights on rank 0, but parallel.fsdp shards them over the processes; "
@@ -80,8 +79,9 @@ class Samples:
                  "tokens": len(ids), "finish": finish}
             )  # fmt: skip
         seconds = time.perf_counter() - started
-        if self.writer is not None:
-            self.writer.log_samples(step, rows)
+        writer = getattr(self.trainer, "writer", None)  # the run's MetricsWriter, made when training starts
+        if writer is not None:
+            writer.log_samples(step, rows)
         return {"eval/samples_seconds": seconds}
 
 

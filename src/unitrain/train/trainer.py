@@ -24,13 +24,12 @@ from unitrain.config import TrainConfig, config_to_yaml, resolve_hub_ids
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import lora
+from unitrain.train import lora, samples
 from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
 from unitrain.train.policy import PolicyLogprobs, load_policy
-from unitrain.train.samples import Samples
 from unitrain.train.validation import Validation
 from unitrain.train.wandb_logger import require_wandb
 
@@ -85,7 +84,7 @@ class Trainer:
             self.loss_config = config.preference_loss_config()
             self.reference = self._make_reference()
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
-        self.validation, self.samples = Validation(self), Samples(self)
+        self.validation, self.samples = Validation(self), samples.Samples(self)
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
         sharded = config.parallel.fsdp and context.is_distributed
         self.optimizer = build_optimizer(self.model, config.optimizer, sharded=sharded)
@@ -316,7 +315,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         run = self.config.run
         total = self.data.total_steps
-        writer = MetricsWriter(
+        writer = self.writer = MetricsWriter(
             self.output_dir,
             self.context.is_main,
             run.tensorboard,
@@ -324,7 +323,6 @@ class Trainer:
             wandb=self.config.wandb,
             run_config=self.config.model_dump(mode="json"),
         )
-        self.samples.writer = writer
         finished = self.resume_from is not None and self.step >= total
         if finished and self.context.is_main:
             print(
