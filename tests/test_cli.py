@@ -17,6 +17,15 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"unitrain {unitrain.__version__}\n"
 
 
+def test_train_without_arguments_needs_only_the_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: config\n" in err
+    assert "[key=value ...]" in err  # overrides are optional
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, gpt2_tokenizer_path):
     root = tmp_path_factory.mktemp("cli")

@@ -47,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     command = command if command in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and not any(a.startswith("-") for a in extra)
+    ):
+        args.overrides += (
+            extra  # `train run.yaml a=1 --resume b=2`: key=value overrides before and after a flag
+        )
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         build_parser().print_help()
         return 1

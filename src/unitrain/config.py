@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +84,13 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _lora_adapter_matches(self) -> TrainConfig:
+        path = None if self.model.path is None else Path(self.model.path)
+        if self.lora.adapter is None and path is not None and (path / "adapter_config.json").is_file():
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"model.path {path} is a PEFT adapter directory, not a checkpoint: use lora.adapter={path} "
+                    "(with lora.rank and lora.alpha of the adapter) and the base it was trained on as model.path"
+                )
         if self.lora.adapter is None:
             return self
         if self.model.path is None:
@@ -122,20 +130,40 @@ class ConfigProblem(UnitrainError):
         self.location = location
 
 
+def _refuse_unknown(raw: dict, valid: list[str], prefix: str) -> None:
+    for key in raw:
+        if key not in valid:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
+
+
+def _native(model: dict) -> bool:
+    """Whether a `model` section with a `config` builds unitrain's own decoder, whose keys are known (the
+    transformers backend takes any key its architecture's config class does)."""
+    from unitrain.model.config import SUPPORTED_ARCHITECTURES
+
+    if model.get("backend", "auto") == "transformers":
+        return False
+    architectures, model_type = model["config"].get("architectures"), model["config"].get("model_type")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else None
+    if architecture is None and model_type is None:
+        return True  # a Llama
+    return architecture in SUPPORTED_ARCHITECTURES or model_type in SUPPORTED_ARCHITECTURES.values()
+
+
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str) -> None:
-    """Refuse unknown keys before pydantic sees them, naming the closest valid key."""
+    """Refuse unknown keys before pydantic sees them, naming the closest valid key; in `model.config` too, where
+    a key the architecture does not read would train a default-sized model."""
     if not isinstance(raw, dict):
         return
+    _refuse_unknown(raw, list(model.model_fields), prefix)
+    if model is ModelSection and isinstance(raw.get("config"), dict) and _native(raw):
+        from unitrain.model.config import HF_CONFIG_KEYS
+
+        _refuse_unknown(raw["config"], sorted(HF_CONFIG_KEYS), f"{prefix}config.")
     for key, value in raw.items():
-        if key not in model.model_fields:
-            full = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.5)
-            hint = (
-                f" (did you mean '{prefix}{close[0]}'?)"
-                if close
-                else f" (valid: {', '.join(model.model_fields)})"
-            )
-            raise ConfigProblem(f"unknown key '{full}'{hint}", tuple(full.split(".")))
         for sub_model in model_classes(model.model_fields[key].annotation):
             items = value if isinstance(value, list) else [value]
             for item in items:
@@ -165,9 +193,16 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+# what pydantic adds to an error's location inside a union (`str`, `list[DataSource]`, `function-after[...]`)
+UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\]|[A-Z]\w*)$")
+
+
 def _problem(error: ValidationError) -> ConfigProblem:
-    first = error.errors()[0]
-    location = tuple(str(part) for part in first["loc"])
+    """The problem to report: within a union (`data.train`: a path or a list), the member that got furthest,
+    e.g. a negative weight in the blend list rather than 'Input should be a valid string'."""
+    errors = error.errors()
+    first = max(errors, key=lambda e: len(e["loc"]))
+    location = tuple(str(part) for part in first["loc"] if not UNION_TAG.match(str(part)))
     message = first["msg"].removeprefix("Value error, ")
     return ConfigProblem(f"{'.'.join(location)}: {message}" if location else message, location)
 

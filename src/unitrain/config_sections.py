@@ -27,14 +27,16 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str | None = Field(
         None,
-        description="Hugging Face checkpoint directory to start from, or a Hub id `org/name[@revision]` (resolved "
-        "through the Hugging Face cache; a local directory of that name wins; `HF_HUB_OFFLINE=1`: the cache only).",
+        description="Hugging Face checkpoint directory to start from (config.json + safetensors: a hub snapshot, "
+        "a run's `hf/`, an export; not a `checkpoints/step-*` or a PEFT adapter), or a Hub id `org/name[@revision]` "
+        "(resolved through the Hugging Face cache; a local directory of that name wins; `HF_HUB_OFFLINE=1`: the "
+        "cache only).",
     )
     config: dict[str, Any] | None = Field(
         None,
         description="From-scratch architecture as Hugging Face `config.json` keys (e.g. `hidden_size`, "
         "`num_hidden_layers`); a Llama unless `architectures` or `model_type` names another; `vocab_size` defaults "
-        "to the dataset's. Weights are randomly initialised.",
+        "to the dataset's; for the native backend a key it does not read is refused. Weights are randomly initialised.",
     )
     backend: Literal["auto", "native", "transformers"] = Field(
         "auto",
@@ -59,7 +61,14 @@ class ModelSection(Section):
 
 class DataSource(Section):
     path: str = Field(description="A prepared dataset directory (`unitrain prepare` output).")
-    weight: float = Field(1.0, gt=0, description="Sampling weight of this dataset in the blend.")
+    weight: float = Field(1.0, description="Sampling weight of this dataset in the blend (> 0).")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"weight must be > 0, got {value}")
+        return value
 
 
 class DataSection(Section):
@@ -68,8 +77,13 @@ class DataSection(Section):
     )
     validation: str | float | None = Field(
         None,
-        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out; "
-        "none disables validation.",
+        description="A prepared dataset directory, or a fraction in (0, 1) of each training dataset held out "
+        "(every copy of a held-out document or pair with it, so none is trained on); none disables validation.",
+    )
+    drop_duplicates: bool = Field(
+        False,
+        description="Train (and validate) on the first copy only of documents or pairs that occur several times "
+        "in a dataset (same tokens; `unitrain prepare` reports how many).",
     )
     allow_tokenizer_mismatch: bool = Field(
         False,
@@ -100,7 +114,12 @@ class PackingSection(Section):
         description="DPO only, `pair`/`packed`: store the prompt once per pair. `separate` always duplicates it.",
     )
     sequence_length: int = Field(
-        1024, gt=0, description="Token slots per row; longer documents/pairs are dropped."
+        1024,
+        gt=0,
+        description="Token slots per row. A longer pretraining document is cut into row-sized pieces; a longer "
+        "pair or group is split over a wide row (one row per part, each with its prompt), dropped only when a "
+        "response does not fit a row with its prompt (or, in `separate` mode, prompt + longest response does not "
+        "fit); a longer SFT document is dropped. The run's first lines count what is left out.",
     )
     window: int = Field(
         65536,

@@ -50,6 +50,8 @@ def test_messages_sft_trains_only_assistant_turns(run_prepare, gpt2, template_fi
     if cursor < len(sample.token_ids):
         trained.append(gpt2.decode(sample.token_ids[cursor:]))
     assert trained == ["Hello.<|im_end|>\n", "4<|im_end|>\n" + EOS]  # EOS joins the final, trained turn
+    # the template the data was rendered with is the dataset's, so every export of a run carries it
+    assert (output / "tokenizer" / "chat_template.jinja").read_text() == TEMPLATE
 
 
 def test_message_preference_shared_prompt(run_prepare, gpt2, template_file, gpt2_tokenizer_path):

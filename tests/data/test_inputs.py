@@ -15,6 +15,7 @@ import pytest
 from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.data.prepare.pipeline import PrepareConfig, prepare, summary
 from unitrain.data.rows.inputs import read_unit, resolve_units
+from unitrain.data.rows.schemas import parse_row
 from unitrain.errors import UnitrainError
 
 from .conftest import write_jsonl
@@ -146,3 +147,21 @@ def test_json_array_elements_that_are_not_objects_are_reported_as_such(tmp_path,
     assert report["documents"] == 2 and report["dropped"] == {"unparsable_line": 2}
     messages = [example["message"] for example in report["dropped_examples"]["unparsable_line"]]
     assert messages == ["a JSON int, not an object", "a JSON list, not an object"]
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "array.json", "rows.csv"])
+def test_a_utf8_byte_order_mark_is_read_not_taken_for_the_first_row(tmp_path, name):
+    import codecs
+    import gzip
+
+    rows = [{"text": "première"}, {"text": "second"}]
+    if name.endswith(".csv"):
+        body = "text\n" + "".join(f"{row['text']}\n" for row in rows)
+    elif name.startswith("array"):
+        body = json.dumps(rows)
+    else:
+        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    data = codecs.BOM_UTF8 + body.encode()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    read = [row for _, row in read_unit(resolve_units([str(tmp_path / name)])[0])]
+    assert [parse_row(row) for row in read] == rows  # how prepare parses a JSON line

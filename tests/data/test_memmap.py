@@ -227,3 +227,43 @@ def test_writer_refuses_negative_ids_and_accepts_an_empty_span_list(tmp_path):
     )
     sample = GPTMemmapDataset(path)[0]
     assert sample.token_ids.tolist() == [1, 2, 3] and len(sample.loss_masking_spans) == 0
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "preference"])
+def test_content_hashes_are_equal_exactly_for_equal_documents(tmp_path, kind, monkeypatch):
+    """Against a naive partition by token tuples (and response begins): copies hash equal, others never do,
+    across shards and across the chunks of a hashing pass."""
+    from unitrain.data.memmap import columns
+
+    monkeypatch.setattr(columns, "HASH_TOKENS", 50)  # several passes per shard
+    samples = random_samples(kind, 60, 7, seed=3)
+    rng = np.random.default_rng(4)
+    samples += [samples[k] for k in rng.integers(0, 60, 25)]  # copies
+    samples += [
+        GPTSample(samples[0].token_ids[::-1].copy(), **_spans_of(samples[0]))
+    ]  # same tokens, reordered
+    if kind == "preference":  # the same tokens, split elsewhere into chosen and rejected
+        ids = samples[1].token_ids
+        c0, c1 = samples[1].chosen_span
+        samples.append(GPTSample(ids, chosen_span=(c0, c1 + 1), rejected_span=(c1 + 1, len(ids))))
+    samples = [samples[k] for k in rng.permutation(len(samples))]
+    dataset = GPTMemmapDataset(
+        write_dataset(tmp_path / "d", samples, kind, vocab_size=7, max_shard_tokens=300)
+    )
+    assert len(dataset._shards) > 1
+    hashes = dataset.content_hashes()
+    key = [(tuple(s.token_ids), s.chosen_span if kind == "preference" else None) for s in samples]
+    naive = np.unique([key.index(k) for k in key], return_inverse=True)[1]
+    ours = np.unique(hashes, return_inverse=True)[1]
+    assert len(np.unique(naive)) < len(samples)  # there are copies
+    assert (
+        np.unique(naive[:, None] * len(samples) + ours[:, None]).size
+        == len(np.unique(naive))
+        == len(np.unique(ours))
+    )
+
+
+def _spans_of(sample: GPTSample) -> dict:
+    if sample.chosen_span is None:
+        return {}
+    return {"chosen_span": sample.chosen_span, "rejected_span": sample.rejected_span}

@@ -12,8 +12,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from unitrain.data.memmap.reader import GPTMemmapDataset
-from unitrain.data.prepare.pipeline import PrepareConfig, prepare
+from unitrain.data.prepare.pipeline import PrepareConfig, prepare, summary
 from unitrain.data.prepare.tokenize import TextTokenizer
+from unitrain.errors import UnitrainError
 
 EOS = "<|endoftext|>"
 MARKER = "\n\nAssistant:"
@@ -216,3 +217,37 @@ def test_workers_with_dropped_and_truncated_rows(run_prepare):
     assert report_one["truncated_pairs"] == report_two["truncated_pairs"] == 600
     for name in ("shard-00000.tokens", "shard-00000.index"):
         assert (one / name).read_bytes() == (two / name).read_bytes()
+
+
+def test_duplicate_pairs_and_documents_are_counted(run_prepare):
+    """Counted over every unit against a naive count of repeated rows; the summary says what happens to them."""
+    pairs = [{"prompt": f"Q{k}", "chosen": " yes", "rejected": " no"} for k in range(6)]
+    rows = pairs + pairs[:4] + [pairs[0]]  # 5 copies
+    _, report = run_prepare(rows)
+    naive = len(rows) - len({json.dumps(row, sort_keys=True) for row in rows})
+    assert report["duplicate_documents"] == naive == 5
+    assert "  5 pairs or groups are copies of an earlier one (same tokens)" in summary(report, "out")
+    texts = [{"text": f"document {k % 3}"} for k in range(7)]
+    _, report = run_prepare(texts)
+    assert report["duplicate_documents"] == 4
+    assert "  4 documents are copies" in summary(report, "out")
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("conversation", "conversation mode needs the field 'messages' (a list of {role, content} messages) or "
+         "'chosen'/'rejected' as message lists; the first row has 'chosen' and 'rejected' as text"),
+        ("groups", "groups mode needs a list of responses in the field 'completions' or 'responses' (with 'scores'), "
+         "or 'rejected' as a list; the first row has none of them"),
+    ],
+)  # fmt: skip
+def test_a_mode_on_data_without_its_fields_names_them(run_prepare, mode, message):
+    with pytest.raises(UnitrainError) as error:
+        run_prepare([{"prompt": "Q", "chosen": " yes", "rejected": " no"}], mode=mode)
+    assert message in str(error.value)
+
+
+def test_all_rows_dropped_names_the_field(run_prepare):
+    with pytest.raises(UnitrainError, match=r"all 2 rows were dropped: missing_field \(2; field 'text'\)"):
+        run_prepare([{"txt": "a"}, {"txt": "b"}], mode="text")

@@ -188,7 +188,9 @@ def test_a_prepare_that_keeps_no_row_fails_and_writes_nothing(run_prepare, tmp_p
     from unitrain.errors import UnitrainError
 
     rows = [{"chosen": "same text", "rejected": "same text"}, {"chosen": None, "rejected": "x"}]
-    with pytest.raises(UnitrainError, match=r"all 2 rows were dropped: .*identical_responses \(1\)"):
+    with pytest.raises(
+        UnitrainError, match=r"all 2 rows were dropped: .*identical_responses \(1; field 'rejected'\)"
+    ):
         run_prepare(rows, mode="preference", output=str(tmp_path / "empty"))
     assert not (tmp_path / "empty").exists()
     assert not list(tmp_path.glob(".empty.tmp-*"))

@@ -31,24 +31,27 @@ TOKENIZER = word_level({"a": 0, "b": 1, "c": 2})
 SWAPPED = word_level({"a": 0, "b": 2, "c": 1})
 
 
-@pytest.fixture(scope="module")
-def tokenized_pairs(preference_data, tmp_path_factory):
-    """The trainer tests' preference pairs, recorded as prepared with TOKENIZER."""
-    root = tmp_path_factory.mktemp("compat")
+def _pairs_with_tokenizer(preference_data, root, file_name: str):
+    """The trainer tests' preference pairs, recorded as prepared with TOKENIZER saved as `file_name`."""
     (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "tokenizer.json").write_text(json.dumps(TOKENIZER))
+    (root / "tokenizer" / file_name).write_text(json.dumps(TOKENIZER))
     source = GPTMemmapDataset(preference_data)
     writer = DatasetWriter(
         root / "pairs",
         "preference",
         vocab_size=VOCAB,
         eos_id=0,
-        tokenizer_files=[root / "tokenizer/tokenizer.json"],
+        tokenizer_files=[root / "tokenizer" / file_name],
     )
     with writer:
         for index in range(len(source)):
             writer.add(source[index])
     return root / "pairs"
+
+
+@pytest.fixture(scope="module")
+def tokenized_pairs(preference_data, tmp_path_factory):
+    return _pairs_with_tokenizer(preference_data, tmp_path_factory.mktemp("compat"), "tokenizer.json")
 
 
 def checkpoint(directory, vocab_size=VOCAB, tokenizer=None):
@@ -83,6 +86,15 @@ def test_score_refuses_another_tokenizer_unless_allowed(tokenized_pairs, tmp_pat
     assert f"{model / 'tokenizer.json'}" in err and f"{tokenized_pairs}" in err
     assert "--allow-tokenizer-mismatch" in err
     assert score(model, tokenized_pairs, tmp_path, "--allow-tokenizer-mismatch") == 0
+
+
+def test_a_tokenizer_file_of_another_name_is_checked_by_content(preference_data, tmp_path, capsys):
+    """`prepare --tokenizer gpt2-tokenizer.json` records the file under its own name: still compared."""
+    pairs = _pairs_with_tokenizer(preference_data, tmp_path, "gpt2-tokenizer.json")
+    assert score(checkpoint(tmp_path / "other", tokenizer=json.dumps(SWAPPED)), pairs, tmp_path) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+    resaved = json.dumps(TOKENIZER, indent=2, sort_keys=True)
+    assert score(checkpoint(tmp_path / "same", tokenizer=resaved), pairs, tmp_path) == 0
 
 
 def test_the_same_tokenizer_saved_differently_is_accepted(tokenized_pairs, tmp_path):

@@ -10,6 +10,7 @@ import yaml
 
 from unitrain.config import config_to_yaml, load_config, parse_config
 from unitrain.config_docs import configuration_markdown
+from unitrain.config_sections import PackingSection
 from unitrain.errors import UnitrainError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,48 @@ def test_unknown_key_suggests_closest(tmp_path, override, expected):
         load_config(write(tmp_path, base()), [override])
     assert expected in str(error.value)
     assert str(error.value).startswith(f"command line override '{override}': unknown key")
+    assert "\n" not in str(error.value)
+
+
+def test_an_unknown_model_config_key_is_refused_with_the_closest_one(tmp_path):
+    """A typo in the free-form architecture mapping would train a default-sized model and export the typo."""
+    override = "model.config.num_hiden_layers=2"
+    with pytest.raises(UnitrainError) as error:
+        load_config(write(tmp_path, base()), [override])
+    assert str(error.value) == (
+        f"command line override '{override}': unknown key 'model.config.num_hiden_layers' "
+        "(did you mean 'model.config.num_hidden_layers'?)"
+    )
+    with pytest.raises(UnitrainError, match=r"unknown key 'model.config.zzz' \(valid: architectures, "):
+        parse_config(base(model={"config": {"hidden_size": 32, "zzz": 1}}))
+    assert parse_config(base(model={"config": {"hidden_size": 32, "rope_theta": 1e4}})).model.config
+    # the transformers backend takes any key of its architecture's config class
+    neox = {"architectures": ["GPTNeoXForCausalLM"], "rotary_pct": 0.25}
+    assert parse_config(base(model={"config": neox})).model.config == neox
+    llama = {"hidden_size": 32, "attention_dropout": 0.1}
+    assert parse_config(base(model={"config": llama, "backend": "transformers"})).model.config == llama
+    with pytest.raises(UnitrainError, match="unknown key 'model.config.attention_dropout'"):
+        parse_config(base(model={"config": llama, "backend": "native"}))
+
+
+def test_a_negative_blend_weight_says_so(tmp_path):
+    raw = base(data={"train": [{"path": "a", "weight": 2.0}, {"path": "b", "weight": -1}]})
+    with pytest.raises(UnitrainError) as error:
+        load_config(write(tmp_path, raw))
+    assert str(error.value) == f"{tmp_path / 'run.yaml'}: data.train.1.weight: weight must be > 0, got -1.0"
+    with pytest.raises(UnitrainError, match=r"^config: data.train: Input should be a valid string$"):
+        parse_config(base(data={"train": 5}))  # neither member of the union: the first one's complaint
+
+
+def test_a_peft_adapter_directory_as_model_path_points_to_lora_adapter(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UnitrainError) as error:
+        parse_config(base(model={"path": str(tmp_path / "adapter")}))
+    assert str(error.value).startswith(
+        f"config: model.path {tmp_path / 'adapter'} is a PEFT adapter directory, not a checkpoint: use "
+        f"lora.adapter={tmp_path / 'adapter'} (with lora.rank"
+    )
     assert "\n" not in str(error.value)
 
 
@@ -150,6 +193,31 @@ def test_committed_configs_are_valid():
     assert len(configs) >= 4
     for path in configs:
         load_config(path)
+
+
+def test_the_docs_say_what_paths_mean_and_what_a_long_pair_becomes():
+    """The behaviour the docs describe: a pair longer than a row is split (tests/preference/test_packing.py), paths
+    resolve against the current directory, the forms model.path takes, and the real-model example with its
+    learning-rate guidance."""
+    training = (REPO / "docs" / "training.md").read_text()
+    description = PackingSection.model_fields["sequence_length"].description
+    assert (
+        "pair or group is split over a wide row" in description
+        and "documents/pairs are dropped" not in description
+    )
+    assert "a relative path resolves against the current directory" in training
+    assert "`model.path` is a local Hugging Face checkpoint directory" in training
+    example = REPO / "configs" / "smollm2-135m-lora-sft-cpu.yaml"
+    config = load_config(example)
+    assert (
+        config.model.path == "models/SmolLM2-135M-Instruct"
+        and config.lora.rank
+        and config.optimizer.lr == 2e-4
+    )
+    assert (
+        f"`configs/{example.name}`" in training
+        and "| LoRA adapters (`lora.rank` 8-16) | 1e-4 to 3e-4 |" in training
+    )
 
 
 def test_configuration_doc_is_up_to_date():

@@ -71,3 +71,32 @@ def test_score_held_out_refuses_data_the_run_did_not_validate_on(dpo_run, prefer
         f"error: {tmp_path / 'validation.json'} not found: {tmp_path} is not the output directory of a training "
         "run\n"
     )
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["copies-kept", "drop-duplicates"])
+def test_no_copy_of_a_held_out_pair_is_trained_on(preference_data, tmp_path, tiny_config, capsys, drop):
+    """Every pair twice (the layout of a file concatenated with itself): a plain 20% split left most held-out
+    pairs' copies in training. Copies are held out together; `data.drop_duplicates` keeps one of each."""
+    from unitrain.train.data import load_training_data
+    from unitrain.train.dist import init_distributed
+
+    source = GPTMemmapDataset(preference_data)
+    doubled = [source[k] for k in range(len(source))] * 2
+    data = write_dataset(tmp_path / "doubled", doubled, "preference", vocab_size=VOCAB)
+    sections = {
+        "data": {"train": str(data), "validation": 0.2, "drop_duplicates": drop},
+        "train": {"max_steps": 2},
+    }
+    config = tiny_config("dpo", data, tmp_path / "run", **sections)
+    loaded = load_training_data(config, init_distributed("cpu"))
+    [(_, train_indices)], [(_, held_out)] = loaded.stream.sources, loaded.validation
+    key = lambda k: (tuple(doubled[k].token_ids), doubled[k].chosen_span)  # noqa: E731
+    assert not {key(k) for k in held_out} & {key(k) for k in train_indices}  # naive check, by the tokens
+    assert len(held_out) >= round(0.2 * len(doubled)) // (2 if drop else 1)
+    counts = len(train_indices) + len(held_out)
+    assert counts == (len(source) if drop else len(doubled))
+    assert len({key(k) for k in train_indices}) == (len(train_indices) if drop else len(train_indices) // 2)
+    train(config)
+    assert [
+        row["index"] for row in score(tmp_path, tmp_path / "run", data, "--held-out", str(tmp_path / "run"))
+    ] == (held_out.tolist())

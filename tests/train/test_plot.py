@@ -8,8 +8,9 @@ import math
 import pytest
 
 from unitrain.cli import main
-from unitrain.config import config_to_yaml
+from unitrain.config import config_to_yaml, parse_config
 from unitrain.train import train
+from unitrain.train.metrics import read_metrics
 
 pytest.importorskip("matplotlib")
 
@@ -76,6 +77,25 @@ def test_plot_of_a_language_model_run_draws_no_dpo_chance_line(
     figure = figure_of(tmp_path / "lm", monkeypatch)
     assert [axis.get_title() for axis in figure.axes] == ["loss"]
     assert not [name for name in lines_of(figure.axes[0]) if name.startswith("ln 2")]
+
+
+def test_a_group_run_plots_and_reports_ranking_and_top1_accuracy(group_data, tmp_path, capsys, monkeypatch):
+    """The listwise metrics are drawn and summed up, and a list of losses is named as text in the title."""
+    from .conftest import tiny_raw
+
+    dpo = {"loss": ["sigmoid", "plackett_luce"], "group_pairs": "all"}
+    raw = tiny_raw("dpo", group_data, tmp_path / "groups", dpo=dpo, train={"max_steps": 2})
+    (tmp_path / "run.yaml").write_text(config_to_yaml(parse_config(raw)))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("validation (all 6 held-out groups): loss ")
+    final = [row for row in read_metrics(tmp_path / "groups" / "metrics.jsonl") if "eval/loss" in row][-1]
+    ranking, top1 = final["eval/rewards/ranking_accuracy"], final["eval/rewards/top1_accuracy"]
+    assert summary.endswith(f", ranking accuracy {ranking:.4f}, top-1 accuracy {top1:.4f}")
+    figure = figure_of(tmp_path / "groups", monkeypatch)
+    assert "sigmoid + plackett_luce loss" in figure.texts[0].get_text()
+    ranking = lines_of(next(axis for axis in figure.axes if axis.get_title() == "ranking"))
+    assert {"validation rewards/ranking_accuracy", "validation rewards/top1_accuracy"} <= set(ranking)
 
 
 def test_scores_add_the_histogram_of_reward_margins(dpo_run, tmp_path, monkeypatch, capsys):

@@ -78,6 +78,65 @@ def test_resume_without_checkpoint_is_refused(pretrain_data, tmp_path, tiny_conf
     assert not (tmp_path / "typo").exists(), "a refused resume starts nothing"
 
 
+def test_a_resume_takes_the_run_settings_and_lists_what_the_command_line_changes(
+    pretrain_data, tmp_path, tiny_config, capsys
+):
+    """The overrides that started the run need not be repeated; `--resume` goes anywhere on the line."""
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        config_to_yaml(tiny_config("pretrain", pretrain_data, tmp_path / "run", train={"max_steps": 2}))
+    )
+    assert main(["train", str(path), "optimizer.lr=0.003"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "train.max_steps=3", "--resume", "schedule.warmup_steps=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert out[:2] == [
+        f"resuming {tmp_path / 'run' / 'checkpoints' / 'step-00000002'} with the run's own settings; changed by the "
+        "command line: schedule.warmup_steps 1 -> 2, train.max_steps 2 -> 3",
+        f"{path} differs from the run's settings in optimizer.lr 0.003 -> 0.01: not applied on resume (pass them "
+        "as key=value overrides to change them)",
+    ]
+    stored = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    assert checkpoint.name == "step-00000003"
+    assert (stored["optimizer"]["lr"], stored["train"]["max_steps"], stored["schedule"]["warmup_steps"]) == (
+        0.003,
+        3,
+        2,
+    )
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["learning_rate"] for row in rows if row["step"] == 3 and "learning_rate" in row] == [
+        pytest.approx(0.003)
+    ]  # past warmup: the peak
+
+
+def test_a_resume_on_changed_data_names_the_dataset(pretrain_data, tmp_path, tiny_config):
+    import shutil
+
+    from unitrain.data.memmap.reader import GPTMemmapDataset
+    from unitrain.data.memmap.writer import write_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(pretrain_data, data)
+    train(tiny_config("pretrain", data, tmp_path / "run", train={"max_steps": 2}))
+    source = GPTMemmapDataset(pretrain_data)
+    write_dataset(
+        data,
+        [source[k] for k in range(1, len(source))],
+        "pretraining",
+        vocab_size=48,
+        eos_id=0,
+        overwrite=True,
+    )
+    with pytest.raises(UnitrainError) as error:
+        train(tiny_config("pretrain", data, tmp_path / "run", train={"max_steps": 3}), resume=True)
+    assert str(error.value).startswith(
+        f"cannot resume the data stream: dataset {data} changed since the checkpoint"
+    )
+
+
 def test_resuming_a_finished_run_logs_nothing_twice(preference_data, tmp_path, tiny_config, capsys):
     config = tiny_config("dpo", preference_data, tmp_path, train={"max_steps": 3}, run={"eval_every": 2})
     first = train(config)

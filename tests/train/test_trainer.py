@@ -246,6 +246,10 @@ def test_objective_must_match_dataset_kind(pretrain_data, preference_data, tmp_p
         train(tiny_config("dpo", pretrain_data, tmp_path))
     with pytest.raises(UnitrainError, match="objective pretrain needs a pretraining or sft dataset"):
         train(tiny_config("pretrain", preference_data, tmp_path))
+    with pytest.raises(
+        UnitrainError, match="objective sft needs an sft dataset .* got a pretraining dataset"
+    ):
+        train(tiny_config("sft", pretrain_data, tmp_path))  # nothing to mask: as docs/training.md says
     # SFT on a preference dataset trains on prompt + chosen
     result = train(tiny_config("sft", preference_data, tmp_path / "sft-pref", train={"max_steps": 2}))
     assert result.steps == 2
@@ -326,12 +330,40 @@ def test_a_new_run_refuses_an_output_dir_that_holds_checkpoints(pretrain_data, t
         assert torch.equal(tensor, exported[name]), name
 
 
+def test_raw_rows_as_data_train_say_to_prepare_them_first(tmp_path, tiny_config):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    for raw in (tmp_path / "pairs.jsonl", tmp_path):  # the file, or the directory holding it
+        with pytest.raises(UnitrainError) as error:
+            train(tiny_config("dpo", raw, tmp_path / "run"))
+        assert str(error.value) == (
+            f"{raw}: not a prepared dataset (no metadata.json); run `unitrain prepare` first to tokenize it"
+        )
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_an_output_dir_that_is_a_file_is_one_line(pretrain_data, tmp_path, tiny_config, below):
+    (tmp_path / "taken").write_text("a file")
+    output = tmp_path / "taken" / below if below else tmp_path / "taken"
+    with pytest.raises(UnitrainError) as error:
+        train(tiny_config("pretrain", pretrain_data, output, train={"max_steps": 2}))
+    assert str(error.value) == f"run.output_dir {output}: {tmp_path / 'taken'} is a file, not a directory"
+
+
 def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
     from unitrain.data.memmap.writer import DatasetWriter
     from unitrain.data.sample import GPTSample
 
-    for name, content in (("train", '{"model": "one"}'), ("validation", '{"model": "two"}')):
-        tokenizer = tmp_path / f"tokenizer-{name}" / "tokenizer.json"
+    one, two = (Tokenizer(WordLevel({"a": 0, word: 1}, unk_token="a")).to_str() for word in ("b", "c"))
+    datasets = (
+        ("train", "tokenizer.json", one),
+        ("validation", "tokenizer.json", two),
+        ("renamed", "gpt2-tokenizer.json", one),  # the train tokenizer under another name
+    )
+    for name, file_name, content in datasets:
+        tokenizer = tmp_path / f"tokenizer-{name}" / file_name
         tokenizer.parent.mkdir()
         tokenizer.write_text(content)
         with DatasetWriter(
@@ -345,6 +377,9 @@ def test_datasets_of_different_tokenizers_are_refused(tmp_path, tiny_config):
         UnitrainError, match="validation was prepared with a different tokenizer than .*train"
     ):
         train(config)
+    renamed = {"data": {"train": str(tmp_path / "train"), "validation": str(tmp_path / "renamed")}}
+    config = tiny_config("pretrain", tmp_path / "train", tmp_path / "run2", train={"max_steps": 2}, **renamed)
+    assert train(config).steps == 2  # the same tokenizer by content, whatever its file was called
 
 
 def test_pairs_longer_than_a_row_are_split_and_the_unfit_reported(

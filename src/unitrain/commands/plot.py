@@ -1,9 +1,9 @@
 """`unitrain plot RUN_DIR [--output PNG]`: training curves from `metrics.jsonl` as one PNG.
 
-Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards; with
-`--scores` the histogram of a score's per-pair reward margins. Colour
-says what a line measures (chosen green, rejected red), style says where (train: a line; validation: dashed with
-markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
+Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards, and for
+preference groups ranking and top-1 accuracy; with `--scores` the histogram of a score's per-pair reward
+margins. Colour says what a line measures (chosen green, rejected red),
+style says where (train: a line; validation: dashed with markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
 DPO loss, its value while the policy equals the reference). The title names the run and its objective, read
 from the config saved with its latest checkpoint. matplotlib is an optional extra (`pip install unitrain[plot]`),
 imported only here.
@@ -23,8 +23,18 @@ PANELS = (  # title, y-axis label, metric names
     ("reward accuracy", "fraction of pairs, chosen reward > rejected", ("rewards/accuracies",)),
     ("reward margin", "chosen − rejected reward", ("rewards/margins",)),
     ("rewards", "β · (policy − reference) log-prob", ("rewards/chosen", "rewards/rejected")),
+    (  # preference groups: every ordered pair of a group, and its best response ranked first
+        "ranking",
+        "fraction of ordered pairs / groups",
+        ("rewards/ranking_accuracy", "rewards/top1_accuracy"),
+    ),
 )
-COLOURS = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}
+COLOURS = {
+    "rewards/chosen": "tab:green",
+    "rewards/rejected": "tab:red",
+    "rewards/ranking_accuracy": "tab:purple",
+    "rewards/top1_accuracy": "tab:brown",
+}
 STYLES = {"train": {"linestyle": "-", "alpha": 0.6}, "validation": {"linestyle": "--", "marker": "o"}}
 
 
@@ -58,7 +68,9 @@ def _title(run_dir: Path, config: dict, rows: list[dict]) -> str:
     parts = [str(run_dir), config.get("objective", "")]
     if config.get("objective") == "dpo":
         dpo = config.get("dpo", {})
-        parts.append(f"{dpo.get('loss')} loss, β {dpo.get('beta')}, reference {dpo.get('reference')}")
+        loss = dpo.get("loss")
+        loss = " + ".join(str(name) for name in loss) if isinstance(loss, list) else loss
+        parts.append(f"{loss} loss, β {dpo.get('beta')}, reference {dpo.get('reference')}")
     parts.append(f"{max(row['step'] for row in rows)} steps")
     return ", ".join(part for part in parts if part)
 

@@ -153,7 +153,9 @@ def read_adapter_config(directory: str | Path) -> dict:
     if not isinstance(targets, list):
         raise UnitrainError(f"{path}: target_modules must be a list of module names, got {targets!r}")
     # which projections a model has is checked when the adapter is applied (`apply_lora`); heads never
-    refused = sorted(name for name in targets if not isinstance(name, str) or name == "lm_head" or "embed" in name)
+    refused = sorted(
+        name for name in targets if not isinstance(name, str) or name == "lm_head" or "embed" in name
+    )
     if refused:
         raise UnitrainError(
             f"{path}: target module {refused[0]!r} is not supported; adapters go on the linears of the decoder "

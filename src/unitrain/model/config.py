@@ -26,6 +26,15 @@ ROPE_SCALING_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
+# the config.json keys `from_hf` reads (any other is kept in `extra` and written back, but shapes nothing)
+HF_CONFIG_KEYS = frozenset({
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
+    "initializer_range", "hidden_act", "transformers_version",
+})  # fmt: skip
+
 
 @dataclass
 class ModelConfig:
@@ -144,13 +153,6 @@ class ModelConfig:
         sliding = hf.get("sliding_window") if family == "mistral" else None
         if hf.get("use_sliding_window", False):
             raise UnitrainError(f"{source}: use_sliding_window=true (per-layer windows) is not supported")
-        known = {
-            "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-            "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
-            "sliding_window", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
-            "initializer_range", "hidden_act", "transformers_version",
-        }  # fmt: skip
         if hf.get("hidden_act", "silu") != "silu":
             raise UnitrainError(
                 f"{source}: hidden_act {hf['hidden_act']!r} is not supported; supported: silu"
@@ -179,7 +181,7 @@ class ModelConfig:
                 eos_token_id=hf.get("eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
                 initializer_range=float(hf.get("initializer_range", 0.02)),
-                extra={key: value for key, value in hf.items() if key not in known},
+                extra={key: value for key, value in hf.items() if key not in HF_CONFIG_KEYS},
             )
         except UnitrainError as error:
             raise UnitrainError(f"{source}: {str(error).removeprefix('model config: ')}") from None

@@ -163,7 +163,9 @@ def apply_lora(
         from unitrain.errors import UnitrainError
 
         what = "unitrain's decoder" if native else type(model.hf).__name__
-        names = ", ".join(valid) or "none (its projections are not torch.nn.Linear modules, e.g. GPT-2's Conv1D)"
+        names = (
+            ", ".join(valid) or "none (its projections are not torch.nn.Linear modules, e.g. GPT-2's Conv1D)"
+        )
         raise UnitrainError(f"unknown LoRA target module {unknown[0]!r} for {what}; valid: {names}")
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)

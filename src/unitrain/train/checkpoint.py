@@ -25,13 +25,15 @@ from unitrain.errors import UnitrainError
 from unitrain.files import follow_umask, replace_path
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-)
+
+
+def check_output_dir(output_dir: Path) -> Path:
+    """`output_dir`, after refusing in one line (not a NotADirectoryError later) a run's directory, or one above
+    it, that exists as a file."""
+    existing = next((path for path in (output_dir, *output_dir.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UnitrainError(f"run.output_dir {output_dir}: {existing} is a file, not a directory")
+    return output_dir
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -159,27 +161,35 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_tokenizer_files(tokenizer_path: str | Path | None, eos_id: int | None, output: Path) -> None:
-    """Copy the dataset's tokenizer next to exported weights, adding a `tokenizer_config.json` if it has none."""
+    """Copy the dataset's complete tokenizer next to exported weights: every file of its `tokenizer/` directory
+    (chat template, special-token map, vocabulary files), its tokenizer file as `tokenizer.json` whatever it was
+    called, and a `tokenizer_config.json` naming EOS when it has none, so that transformers loads the copy."""
     if tokenizer_path is None:
         return
+    from unitrain.train.compat import tokenizer_file_name
+
     source = Path(tokenizer_path)
     if not source.exists():
         raise UnitrainError(f"{source}: tokenizer recorded in the dataset metadata no longer exists")
-    files = (
-        [source]
-        if source.is_file()
-        else [source / name for name in TOKENIZER_FILES if (source / name).exists()]
-    )
-    for file in files:
-        shutil.copyfile(file, output / ("tokenizer.json" if source.is_file() else file.name))
-    if not (output / "tokenizer_config.json").exists() and (output / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
+    if source.is_file():
+        shutil.copyfile(source, output / "tokenizer.json")
+    else:
+        files = sorted(path for path in source.iterdir() if path.is_file())
+        main = tokenizer_file_name([path.name for path in files])
+        for file in files:
+            shutil.copyfile(file, output / ("tokenizer.json" if file.name == main else file.name))
+    config_path = output / "tokenizer_config.json"
+    if (output / "tokenizer.json").exists():
+        config = json.loads(config_path.read_text()) if config_path.exists() else None
+        if config is not None and not isinstance(config, dict):
+            raise UnitrainError(f"{source}: tokenizer_config.json is not a JSON object")
+        if config is None or (eos_id is not None and config.get("eos_token") is None):
+            from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(output / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if eos_id is not None:
-            config["eos_token"] = tokenizer.id_to_token(eos_id)
-        _write_json(output / "tokenizer_config.json", config)
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **(config or {})}
+            if eos_id is not None:
+                config["eos_token"] = Tokenizer.from_file(str(output / "tokenizer.json")).id_to_token(eos_id)
+            _write_json(config_path, config)
 
 
 def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
@@ -223,7 +233,9 @@ def _export_full(checkpoint: Path, directory: Path) -> None:
     if hf.get(BACKEND_KEY) == "transformers":  # the model's own class and save_pretrained
         model = build_empty(hf, str(checkpoint / "model_config.json"))
     else:
-        with torch.device("meta"):  # no random init and no second copy of the weights: they are assigned below
+        with torch.device(
+            "meta"
+        ):  # no random init and no second copy of the weights: they are assigned below
             model = build_model(ModelConfig.from_hf(hf))
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), assign=True)
     if hf.get(BACKEND_KEY) == "transformers":

@@ -96,7 +96,8 @@ def write_validation_record(output_dir: Path, data: TrainingData, config: TrainC
         entry = {"path": str(dataset.path), "fingerprint": dataset.fingerprint, "documents": len(dataset)}
         entry["held_out"] = len(indices)
         if isinstance(config.data.validation, float):
-            entry.update(fraction=config.data.validation, seed=config.train.seed)
+            entry.update(fraction=config.data.validation, seed=config.train.seed, copies_held_out=True)
+        entry["drop_duplicates"] = config.data.drop_duplicates
         entries.append(entry)
     output_dir.mkdir(parents=True, exist_ok=True)
     partial = output_dir / f".{VALIDATION_RECORD}.partial"
@@ -106,7 +107,7 @@ def write_validation_record(output_dir: Path, data: TrainingData, config: TrainC
 
 def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
     """The indices of `dataset` the run in `run_dir` held out from training (its validation documents/pairs)."""
-    from unitrain.data.batches.stream import split_indices
+    from unitrain.data.batches.stream import first_copies, split_indices
 
     path = Path(run_dir) / VALIDATION_RECORD
     if not path.is_file():
@@ -120,9 +121,12 @@ def held_out_indices(run_dir: str | Path, dataset) -> np.ndarray:
         raise UnitrainError(
             f"{dataset.path} is not a dataset {run_dir} held pairs out of (it validated on {validated})"
         )
-    if "fraction" not in entry:
-        return np.arange(len(dataset))
-    _, indices = split_indices(entry["documents"], entry["fraction"], entry["seed"])
+    indices = np.arange(len(dataset))
+    if "fraction" in entry:  # runs before copies were held out together split by position alone
+        content = dataset.content_hashes() if entry.get("copies_held_out") else None
+        _, indices = split_indices(entry["documents"], entry["fraction"], entry["seed"], content)
+    if entry.get("drop_duplicates"):
+        indices = first_copies(dataset.content_hashes(), indices)
     if len(indices) != entry["held_out"]:
         raise UnitrainError(f"{path}: {entry['held_out']} held out, but its rule now picks {len(indices)}")
     return indices
@@ -141,6 +145,12 @@ def _open_dataset(path: str, key: str, objective: str):
             f"{key} {path}: objective pretrain needs a pretraining or sft dataset, got a preference dataset "
             "(use objective sft to train on prompt+chosen)"
         )
+    if objective == "sft" and dataset.kind == "pretraining":
+        raise UnitrainError(
+            f"{key} {path}: objective sft needs an sft dataset (prompt masked by its loss-masking spans) or a "
+            "preference dataset (prompt + chosen), got a pretraining dataset; use objective pretrain to train on "
+            "every token"
+        )
     return dataset
 
 
@@ -151,8 +161,16 @@ def _validation_paths(config: TrainConfig) -> list[str]:
 def _check_same_tokenizer(datasets, paths: list[str]) -> None:
     """Every dataset prepared with a tokenizer must have been prepared with the same one (same file hashes):
     token ids of different tokenizers mean different things to one model."""
+    from unitrain.train.compat import tokenizer_file_name
+
+    def by_role(
+        hashes: dict | None,
+    ) -> dict | None:  # the tokenizer file as tokenizer.json, whatever its name
+        name = tokenizer_file_name(hashes or {})
+        return {("tokenizer.json" if key == name else key): value for key, value in (hashes or {}).items()}
+
     tokenized = [
-        (path, dataset.metadata.get("tokenizer", {}).get("files_sha256"))
+        (path, by_role(dataset.metadata.get("tokenizer", {}).get("files_sha256")))
         for dataset, path in zip(datasets, paths)
     ]
     tokenized = [(path, hashes) for path, hashes in tokenized if hashes]
@@ -166,7 +184,7 @@ def _check_same_tokenizer(datasets, paths: list[str]) -> None:
 
 def load_training_data(config: TrainConfig, context: DistContext) -> TrainingData:
     """Open and check the datasets, hold out validation, and build this rank's batch stream."""
-    from unitrain.data.batches.stream import BatchStream, split_indices
+    from unitrain.data.batches.stream import BatchStream, first_copies, split_indices
 
     objective = config.objective
     packing = {
@@ -181,13 +199,22 @@ def load_training_data(config: TrainConfig, context: DistContext) -> TrainingDat
         dataset = _open_dataset(source.path, f"data.train[{index}]", objective)
         indices = np.arange(len(dataset))
         if isinstance(config.data.validation, float):
-            indices, held_out = split_indices(len(dataset), config.data.validation, config.train.seed)
+            content = dataset.content_hashes()  # every copy of a held-out item is held out with it
+            indices, held_out = split_indices(
+                len(dataset), config.data.validation, config.train.seed, content
+            )
+            held_out = first_copies(content, held_out) if config.data.drop_duplicates else held_out
             validation.append((index, held_out))
+        if config.data.drop_duplicates:
+            indices = first_copies(dataset.content_hashes(), indices)
         sources.append((dataset, indices, source.weight))
     datasets = [dataset for dataset, _, _ in sources]
     if isinstance(config.data.validation, str):
         datasets.append(_open_dataset(config.data.validation, "data.validation", objective))
-        validation.append((len(sources), np.arange(len(datasets[-1]))))
+        held_out = np.arange(len(datasets[-1]))
+        if config.data.drop_duplicates:
+            held_out = first_copies(datasets[-1].content_hashes(), held_out)
+        validation.append((len(sources), held_out))
     first = sources[0][0]
     _check_same_tokenizer(
         datasets, [source.path for source in config.data.sources] + _validation_paths(config)

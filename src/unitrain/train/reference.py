@@ -170,6 +170,9 @@ def make_reference(
     path = Path(cache_dir) / CACHE_FILE
     key = {
         "fingerprints": [str(dataset.fingerprint) for dataset in datasets],
+        "paths": [
+            str(getattr(dataset, "path", "")) for dataset in datasets
+        ],  # named in messages, not compared
         "weights": weights_hash(model_path, progress) + (f"+{adapter_hash(adapter)}" if adapter else ""),
         "dtype": str(dtype).removeprefix("torch."),  # bf16 and fp32 log-probs differ: never mixed silently
     }
@@ -258,7 +261,13 @@ def _read_cache(path: Path, key: dict) -> tuple[list[tuple[np.ndarray, np.ndarra
         return None, f"{len(cached['fingerprints'])} datasets cached, {len(key['fingerprints'])} given"
     for position, (old, new) in enumerate(zip(cached["fingerprints"], key["fingerprints"])):
         if old != new:
-            return None, f"dataset {position} changed (fingerprint cached {old[:12]}, now {new[:12]})"
+            was = cached.get("paths", [None] * len(cached["fingerprints"]))[position]
+            now = key["paths"][position]
+            named = now if was in (None, now) else f"{was}, now {now}"
+            return (
+                None,
+                f"dataset {position} ({named}) changed (fingerprint cached {old[:12]}, now {new[:12]})",
+            )
     return tables, None
 
 

@@ -53,7 +53,7 @@ class Trainer:
         self.config = config
         self.context = context
         self.output_dir = Path(config.run.output_dir)
-        latest = ckpt.latest_checkpoint(self.output_dir)
+        latest = ckpt.latest_checkpoint(ckpt.check_output_dir(self.output_dir))
         if latest is not None and not resume:
             raise UnitrainError(
                 f"{self.output_dir} already holds the checkpoints of a run (latest {latest.name}); pass --resume "

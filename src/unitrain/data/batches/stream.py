@@ -30,16 +30,33 @@ from unitrain.errors import UnitrainError
 PLAN_VERSION = 2  # part of the plan cache key: bump when the same settings would plan differently
 
 
-def split_indices(num_documents: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    num_documents: int, validation_fraction: float, seed: int, content: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split → (train indices, validation indices), each sorted; at least one validation document when the
-    fraction is positive and there are two documents or more."""
+    fraction is positive and there are two documents or more.
+
+    `content` (N,): a key per document (`GPTMemmapDataset.content_hashes`); every copy of a held-out document is
+    held out with it, so that no copy of a validation item is trained on. Without copies the split is the plain
+    one; with them validation grows by the copies."""
     if not 0.0 <= validation_fraction < 1.0:
         raise UnitrainError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     order = np.random.default_rng([seed, 0x5EED]).permutation(num_documents)
     count = int(round(num_documents * validation_fraction))
     if validation_fraction > 0 and num_documents >= 2:
         count = min(max(count, 1), num_documents - 1)
-    return np.sort(order[count:]), np.sort(order[:count])
+    if content is None or count == 0:
+        return np.sort(order[count:]), np.sort(order[:count])
+    held = np.isin(content, content[order[:count]])  # (N,) every copy of a held-out document
+    if held.all():  # a dataset of one document's copies: nothing would be left to train on
+        raise UnitrainError("every document is a copy of a held-out one: nothing is left to train on")
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def first_copies(content: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`indices` (sorted) less the documents whose content an earlier one of them already has."""
+    _, first = np.unique(content[indices], return_index=True)
+    return indices[np.sort(first)]
 
 
 @dataclass
@@ -231,10 +248,21 @@ class BatchStream:
         mine = self.state_dict()
         state = {"group_pairs": "best_vs_rest", **state}  # saved before groups existed: pairs, one per group
         keys = ("seed", "sequence_length", "window", "objective", "mode", "share_prompt", "group_pairs")
-        for key in (*keys, "fingerprints"):
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise UnitrainError(
                     f"cannot resume the data stream: {key} was {state.get(key)!r} and is now {mine[key]!r}"
+                )
+        was, now = state.get("fingerprints") or [], mine["fingerprints"]
+        if len(was) != len(now):
+            raise UnitrainError(
+                f"cannot resume the data stream: {len(was)} datasets were trained on, now {len(now)}"
+            )
+        for (dataset, _), old, new in zip(self.sources, was, now):
+            if old != new:
+                raise UnitrainError(
+                    f"cannot resume the data stream: dataset {getattr(dataset, 'path', '?')} changed since the "
+                    f"checkpoint (fingerprint {old[:12]}, now {new[:12]}): prepared again, or another dataset"
                 )
         self.epoch = int(state["epoch"])
         if not 0 <= int(state["row"]) <= len(self.plan):

@@ -68,3 +68,44 @@ def sft_target_counts(offsets: np.ndarray, span_offsets: np.ndarray, span_table:
         masked = np.bincount(document, weights=new, minlength=last - first).astype(np.int64)
         counts[first:last] = np.maximum(lengths - 1 - masked + first_masked, 0)
     return counts
+
+
+HASH_TOKENS = 1 << 24  # tokens per vectorized hashing pass
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def content_hashes(tokens: np.ndarray, offsets: np.ndarray, spans: np.ndarray | None = None) -> np.ndarray:
+    """A 64-bit hash of each document's tokens (n,) uint64, and of its `spans` (n, k) when given (where a pair's
+    responses begin): equal documents hash equal, and different ones collide with probability ~n²/2⁶⁴.
+
+    Each token is mixed with its position in its document and the mixed values are summed per document
+    (`np.add.reduceat`), over passes of at most HASH_TOKENS tokens: no Python object per document."""
+    num_documents = len(offsets) - 1
+    hashes = np.zeros(num_documents, np.uint64)
+    first = 0
+    while first < num_documents:
+        last = int(np.searchsorted(offsets, offsets[first] + HASH_TOKENS, side="right")) - 1
+        last = min(max(last, first + 1), num_documents)
+        begin, end = int(offsets[first]), int(offsets[last])
+        lengths = np.diff(offsets[first : last + 1])  # (d,)
+        starts = offsets[first:last] - begin  # (d,) chunk-relative
+        position = np.arange(end - begin, dtype=np.int64) - np.repeat(starts, lengths)  # (t,) within document
+        mixed = _mix(tokens[begin:end].astype(np.uint64) * _GOLDEN ^ _mix(position.astype(np.uint64) + 1))
+        filled = lengths > 0
+        if filled.any():  # reduceat needs non-empty segments
+            hashes[first:last][filled] = np.add.reduceat(mixed, starts[filled])
+        hashes[first:last] = _mix(hashes[first:last] ^ _mix(lengths.astype(np.uint64)))
+        first = last
+    if spans is not None:
+        for column in np.asarray(spans, np.int64).reshape(num_documents, -1).T:
+            hashes = _mix(hashes ^ _mix(column.astype(np.uint64) + _GOLDEN))
+    return hashes

@@ -183,7 +183,9 @@ class GPTMemmapDataset:
         self.path = Path(path)
         metadata_path = self.path / "metadata.json"
         if not metadata_path.is_file():
-            raise UnitrainError(f"{self.path}: not a prepared dataset (no metadata.json)")
+            raw = self.path.is_file() or any(self.path.glob("*.json*")) or any(self.path.glob("*.parquet"))
+            hint = "; run `unitrain prepare` first to tokenize it" if raw else ""
+            raise UnitrainError(f"{self.path}: not a prepared dataset (no metadata.json){hint}")
         try:
             self.metadata = json.loads(metadata_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -243,6 +245,15 @@ class GPTMemmapDataset:
             local = indices[at] - self._shard_starts[k]
             lengths[at] = self._shards[k].offsets[local + 1] - self._shards[k].offsets[local]
         return lengths
+
+    def content_hashes(self) -> np.ndarray:
+        """(N,) uint64 hash of each document's tokens (and of where a pair's responses begin): equal for copies of
+        one document or pair, so duplicates are found, and held out together, without reading a sample."""
+
+        def of_shard(shard: _Shard) -> np.ndarray:
+            return columns.content_hashes(shard.tokens, shard.offsets, shard.preference)
+
+        return self._column("content_hashes", of_shard)
 
     @property
     def preference_spans(self) -> np.ndarray:

@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from unitrain.data.memmap.format import DEFAULT_SHARD_TOKENS, FORMAT_VERSION
+from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.data.memmap.writer import DatasetWriter
-from unitrain.data.prepare.tokenize import TextTokenizer
+from unitrain.data.prepare.checks import WARNINGS
+from unitrain.data.prepare.tokenize import TOKENIZE_RULES, TextTokenizer
 from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
 from unitrain.data.rows.chat import chat_row
 from unitrain.data.rows.inputs import Unit, read_unit, resolve_units, signature
@@ -145,6 +148,7 @@ def _work_key(config: PrepareConfig, units: list[Unit], tokenizer: TextTokenizer
     settings = config.model_dump(exclude={"overwrite", "workers", "output"})
     identity = {
         "format": FORMAT_VERSION,
+        "rules": TOKENIZE_RULES,  # units tokenized by older rules are not reused
         "settings": settings,
         "schema": schema,
         "tokenizer": tokenizer.sha256,
@@ -240,10 +244,14 @@ def _assemble(
         total.merge(UnitReport(unit_metadata["unit"]["report"]))
     if total.documents == 0:
         shutil.rmtree(work, ignore_errors=True)
-        reasons = ", ".join(f"{reason} ({count})" for reason, count in total.dropped.most_common(3))
+        reasons = ", ".join(
+            f"{reason} ({count}{_field_of(total.examples.get(reason, []))})"
+            for reason, count in total.dropped.most_common(3)
+        )
         raise UnitrainError(f"{', '.join(config.inputs)}: all {total.rows} rows were dropped: {reasons}")
     report = {
         "schema": schema,
+        "kind": run["kind"],
         "inputs": len({unit.source for unit in units}),
         "rows": total.rows,
         "documents": total.documents,
@@ -258,6 +266,9 @@ def _assemble(
         "split_extra_pieces": total.counters.extra_pieces,
         "ignored_loss_masking_spans": total.counters.ignored_spans,
         "ignored_loss_masking_spans_rows": total.counters.ignored_span_rows,
+        "duplicate_documents": _copies(work, len(metadata)),
+        "tokenization_warnings": dict(sorted(total.counters.warnings.items())),
+        "tokenization_warning_examples": total.counters.warning_rows,
         "seconds": round(time.perf_counter() - started, 3),
     }
     with DatasetWriter(
@@ -266,7 +277,10 @@ def _assemble(
         vocab_size=tokenizer.vocab_size,
         eos_id=tokenizer.eos_id,
         bos_id=tokenizer.bos_id,
-        tokenizer_files=tokenizer.files,
+        # the tokenizer's own template file gives way to --chat-template's, written below
+        tokenizer_files=[
+            f for f in tokenizer.files if config.chat_template is None or f.name != "chat_template.jinja"
+        ],
         overwrite=config.overwrite,
     ) as writer:
         for number, unit_metadata in enumerate(metadata):
@@ -275,6 +289,8 @@ def _assemble(
                     writer.adopt_shard(unit_dir(work, number), shard)
         if not any(path.name == "tokenizer_config.json" for path in tokenizer.files):
             _write_tokenizer_config(writer.temp / "tokenizer", tokenizer)
+        if config.chat_template is not None:  # the template the data was rendered with goes to every export
+            (writer.temp / "tokenizer" / "chat_template.jinja").write_text(tokenizer.chat_template)
         (writer.temp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         settings = config.model_dump(exclude={"overwrite", "output", "workers"})
         writer.close(
@@ -298,6 +314,19 @@ def _assemble(
     for leftover in [work, *output.parent.glob(f".{output.name}.prepare-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # this run's units, and those of interrupted earlier runs
     return report
+
+
+def _field_of(examples: list[dict]) -> str:
+    """`; field 'text'`: the field the first dropped rows of a reason name, if any."""
+    named = sorted({example["field"] for example in examples if example.get("field")})
+    return f"; field {', '.join(repr(name) for name in named)}" if named else ""
+
+
+def _copies(work: Path, units: int) -> int:
+    """Documents (pairs, groups) whose tokens an earlier one of the dataset already has, over every unit."""
+    hashes = [GPTMemmapDataset(unit_dir(work, number)).content_hashes() for number in range(units)]
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    return int(len(hashes) - len(np.unique(hashes)))
 
 
 def _write_tokenizer_config(directory: Path, tokenizer: TextTokenizer) -> None:
@@ -342,6 +371,16 @@ def summary(report: dict, output: str) -> str:
         )
     if report.get("skipped_responses"):
         lines.append(f"  left out {report['skipped_responses']:,} null or empty responses of groups")
+    for reason, count in report.get("tokenization_warnings", {}).items():
+        examples = [e for e in report["tokenization_warning_examples"] if e["reason"] == reason]
+        rows = f"; first rows: {', '.join(str(e['row']) for e in examples)}" if examples else ""
+        lines.append(f"  kept {count:,} × {reason} ({WARNINGS[reason]}{rows}; --on-error fail refuses them)")
+    if report.get("duplicate_documents"):
+        unit = "pairs or groups" if report.get("kind") == "preference" else "documents"
+        lines.append(
+            f"  {report['duplicate_documents']:,} {unit} are copies of an earlier one (same tokens): validation "
+            "holds out all copies together; data.drop_duplicates trains on one of each"
+        )
     if report["split_documents"]:
         lines.append(f"  split {report['split_documents']:,} documents longer than max_length")
     if report["ignored_loss_masking_spans"]:

@@ -3,12 +3,15 @@
 Every segment is tokenized alone without special tokens (one `encode_batch_fast` call per chunk of rows, the
 raw `tokenizers` speed), so a character span boundary is always a token boundary and no merge crosses the
 prompt/response boundary. BOS is prepended when the tokenizer defines one; EOS is appended to a document and to
-each response, unless the tokens already end with it. The trade-off is the one of `rows/schemas.py`: tokens can differ
-from tokenizing the whole text where a boundary cuts a word.
+each response, unless the tokens already end with it or with the chat template's end of turn, and what a template
+renders after its end of turn is cut (`checks.py`: one end token per response). The trade-off is the one of
+`rows/schemas.py`: tokens can differ from tokenizing the whole text where a boundary cuts a word; `checks.py`
+counts where they do.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unitrain.data.prepare.checks import WARNINGS, merged_boundaries, turn_end_id, turn_length
 from unitrain.data.rows.schemas import Document, RowError
 from unitrain.data.sample import GPTSample
 from unitrain.errors import UnitrainError
@@ -29,6 +33,7 @@ TOKENIZER_FILES = (
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 FIRST_ROWS_KEPT = 5  # example rows kept per reason in a report
+TOKENIZE_RULES = 2  # bumped when the same rows tokenize differently (2: one end token per response)
 
 
 def _token_name(value) -> str | None:
@@ -68,6 +73,8 @@ class TextTokenizer:
         if self.eos_id is None:
             raise UnitrainError(f"{path}: the tokenizer defines no EOS token")
         self.chat_template = self._chat_template(config, directory if path.is_dir() else None, chat_template)
+        decoder = self.tokenizer.get_added_tokens_decoder()
+        self.special_ids = frozenset(token_id for token_id, token in decoder.items() if token.special)
         self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
         self._template = None
 
@@ -87,6 +94,12 @@ class TextTokenizer:
         if template is None and directory is not None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text()
         return template
+
+    @functools.cached_property
+    def end_ids(self) -> frozenset[int]:
+        """Tokens that end a response: EOS, and the chat template's end of turn (`checks.turn_end_id`)."""
+        turn_end = turn_end_id(self)
+        return frozenset({self.eos_id} if turn_end is None else {self.eos_id, turn_end})
 
     @property
     def chat_template_sha256(self) -> str | None:
@@ -146,6 +159,17 @@ class Counters:
     skipped_responses: int = 0  # null, empty or token-less responses left out of their group
     ignored_spans: int = 0  # rows whose loss_masking_spans the schema ignores
     ignored_span_rows: list[int] = field(default_factory=list)  # the first few of them
+    warnings: dict[str, int] = field(default_factory=dict)  # `checks.WARNINGS` by reason: rows kept, counted
+    warning_rows: list[dict] = field(
+        default_factory=list
+    )  # the first few of them: row, field, reason, message
+
+    def warn(self, reason: str, row: int, name: str) -> None:
+        self.warnings[reason] = self.warnings.get(reason, 0) + 1
+        if len(self.warning_rows) < FIRST_ROWS_KEPT:
+            self.warning_rows.append(
+                {"row": row, "field": name, "reason": reason, "message": WARNINGS[reason]}
+            )
 
     def ignore_spans(self, row: int) -> None:
         self.ignored_spans += 1
@@ -157,6 +181,9 @@ class Counters:
             if counter.type in (int, "int"):
                 setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
         self.ignored_span_rows = (self.ignored_span_rows + other.ignored_span_rows)[:FIRST_ROWS_KEPT]
+        for reason, count in other.warnings.items():
+            self.warnings[reason] = self.warnings.get(reason, 0) + count
+        self.warning_rows = (self.warning_rows + other.warning_rows)[:FIRST_ROWS_KEPT]
 
 
 def to_samples(
@@ -166,6 +193,9 @@ def to_samples(
     texts = [segment for document in documents for segment in document.segments]
     encoded = tokenizer.encode(texts)
     results, cursor = [], 0
+    for position, after in merged_boundaries(documents, tokenizer, kind):
+        document = documents[position]
+        counters.warn("boundary_merge", document.row, _segment_field(document, after, kind))
     for document in documents:
         pieces = encoded[cursor : cursor + len(document.segments)]
         cursor += len(document.segments)
@@ -187,11 +217,42 @@ def to_samples(
                 ]
         except RowError as error:
             results.append((document.row, error))
+    for row, sample in results:
+        if not isinstance(sample, RowError):
+            _check_sample(row, sample, tokenizer, kind, counters)
     return results
 
 
-def _with_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+def _segment_field(document: Document, segment: int, kind: str) -> str:
+    if document.scores is not None:
+        return document.group_fields[0]
+    return ("prompt", "chosen", "rejected")[min(segment, 2)] if kind == "preference" else "text"
+
+
+def _check_sample(
+    row: int, sample: GPTSample, tokenizer: TextTokenizer, kind: str, counters: Counters
+) -> None:
+    """Count a doubled BOS and responses (SFT documents) left without an end token."""
+    ids = sample.token_ids
+    if tokenizer.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == tokenizer.bos_id:
+        counters.warn("doubled_bos", row, "prompt" if kind == "preference" else "text")
+    if sample.response_spans is not None:
+        ends = [("responses", int(end)) for end in sample.response_spans[:, 1]]
+    elif sample.chosen_span is not None:
+        ends = [("chosen", sample.chosen_span[1]), ("rejected", sample.rejected_span[1])]
+    else:
+        ends = [("text", len(ids))] if kind == "sft" else []
+    for name, end in ends:
+        if int(ids[end - 1]) not in tokenizer.end_ids:
+            counters.warn("response_without_end_token", row, name)
+            return
+
+
+def _with_eos(ids: list[int], tokenizer: TextTokenizer) -> list[int]:
+    """A response ended by exactly one end token: cut what a chat template renders after its end of turn, and
+    append EOS unless it already ends with an end token (EOS or the template's end of turn)."""
+    ids = ids[: turn_length(ids, tokenizer)]
+    return ids if ids and ids[-1] in tokenizer.end_ids else ids + [tokenizer.eos_id]
 
 
 def _prompt_ids(prompt: list[int], tokenizer: TextTokenizer) -> list[int]:
@@ -222,7 +283,7 @@ def _preference(
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if not ids:
             raise RowError("empty_response", name, "the response has no tokens")
-    chosen, rejected = _with_eos(chosen, tokenizer.eos_id), _with_eos(rejected, tokenizer.eos_id)
+    chosen, rejected = _with_eos(chosen, tokenizer), _with_eos(rejected, tokenizer)
     room = _room(prompt, max(len(chosen), len(rejected)), max_length)
     if room is not None:
         chosen, rejected = chosen[:room], rejected[:room]
@@ -246,7 +307,7 @@ def _group(
     truncation) keep their first occurrence, and a group needs ≥ 2 responses and two different scores. The
     counters count only a row that is kept."""
     prompt = _prompt_ids(pieces[0], tokenizer)
-    responses = [(_with_eos(ids, tokenizer.eos_id), score) for ids, score in zip(pieces[1:], scores) if ids]
+    responses = [(_with_eos(ids, tokenizer), score) for ids, score in zip(pieces[1:], scores) if ids]
     room = _room(prompt, max((len(ids) for ids, _ in responses), default=0), max_length)
     if room is not None:
         responses = [(ids[:room], score) for ids, score in responses]
@@ -275,6 +336,9 @@ def _document(
     pieces, roles, tokenizer: TextTokenizer, kind: str, max_length, counters: Counters
 ) -> list[GPTSample]:
     bos = tokenizer.bos_id
+    conversation = "trained" in roles
+    if conversation:  # what the template renders after each turn's end token is context, not a target
+        pieces, roles = _turns_ended(pieces, roles, tokenizer)
     ids: list[int] = [] if bos is None or next((p[:1] for p in pieces if p), None) == [bos] else [bos]
     masked: list[list[int]] = []
     for piece, role in zip(pieces, roles):
@@ -287,7 +351,12 @@ def _document(
     if not any(pieces):
         raise RowError("empty_text", "text", "the text has no tokens")
     ended = len(ids)
-    ids = _with_eos(ids, tokenizer.eos_id)
+    if conversation:  # ... and after the last turn it is not kept: one end token ends the document
+        ended = turn_length(ids, tokenizer)
+        ids, masked = ids[:ended], [[begin, min(end, ended)] for begin, end in masked if begin < ended]
+        ids = ids if ids[-1] in tokenizer.end_ids else ids + [tokenizer.eos_id]
+    else:
+        ids = ids if ids[-1] == tokenizer.eos_id else ids + [tokenizer.eos_id]
     if masked and masked[-1][1] == ended:  # EOS joins the last segment: masked if the text ends masked
         masked[-1][1] = len(ids)
     if kind == "sft":
@@ -301,3 +370,16 @@ def _document(
     starts = range(0, len(ids), max_length)
     counters.extra_pieces += len(starts) - 1
     return [GPTSample(np.array(ids[start : start + max_length], np.int64)) for start in starts]
+
+
+def _turns_ended(pieces: list[list[int]], roles: list[str], tokenizer: TextTokenizer):
+    """Each trained turn cut after its end token; the tail (ChatML's newline) becomes masked context."""
+    ended_pieces, ended_roles = [], []
+    for piece, role in zip(pieces, roles):
+        keep = turn_length(piece, tokenizer) if role == "trained" else len(piece)
+        ended_pieces.append(piece[:keep])
+        ended_roles.append(role)
+        if keep < len(piece):
+            ended_pieces.append(piece[keep:])
+            ended_roles.append("masked")
+    return ended_pieces, ended_roles

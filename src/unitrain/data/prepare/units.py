@@ -174,7 +174,14 @@ def write_unit(work: Path, number: int, unit: Unit, run: dict, tokenizers: Token
             report.counters.merge(chunk_counters)
             rows_in_chunk = len({row for row, _ in chunk_results})
             report.rows += rows_in_chunk
+            warnings = chunk_counters.warning_rows if config.on_error == "fail" else []
+            warned = warnings[0] if warnings else None
             for row, result in chunk_results:
+                if warned is not None and warned["row"] <= row:  # a kept row with a tokenization warning
+                    raise UnitrainError(
+                        f"{unit.label}: row {warned['row']}, field {warned['field']!r}: {warned['message']} "
+                        f"({warned['reason']})"
+                    )
                 if isinstance(result, RowError):
                     if config.on_error == "fail":
                         field = f", field {result.field!r}" if result.field else ""

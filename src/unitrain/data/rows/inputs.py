@@ -12,6 +12,7 @@ ranks (split it into several files, or convert it to Parquet with several row gr
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -148,6 +149,10 @@ def _read_json(unit: Unit, split: str) -> Iterator[tuple[int, bytes | dict]]:
     try:
         with opener(path, "rb") as handle:
             first = handle.read(1 << 16)
+            bom = first.startswith(
+                codecs.BOM_UTF8
+            )  # written by some Windows editors: not part of the first row
+            first = first[len(codecs.BOM_UTF8) :] if bom else first
             if first.lstrip()[:1] == b"[":  # one JSON array, not JSON lines: read whole (not streamable)
                 try:
                     rows = json.loads(first + handle.read())
@@ -157,7 +162,7 @@ def _read_json(unit: Unit, split: str) -> Iterator[tuple[int, bytes | dict]]:
                     row if isinstance(row, dict) else json.dumps(row).encode() for row in rows
                 )
                 return
-            handle.seek(0)
+            handle.seek(len(codecs.BOM_UTF8) if bom else 0)
             for index, line in enumerate(handle):
                 if line.strip():
                     yield index, line
@@ -202,7 +207,7 @@ def _read_arrow(unit: Unit, split: str) -> Iterator[tuple[int, dict]]:
 def _read_csv(unit: Unit, split: str) -> Iterator[tuple[int, dict]]:
     csv.field_size_limit(sys.maxsize)  # documents can be longer than the module's 128 KiB default
     try:
-        with open(unit.source, newline="", encoding="utf-8") as handle:
+        with open(unit.source, newline="", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is dropped
             yield from enumerate(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise UnitrainError(f"{unit.source}: cannot be read as CSV ({error})") from None

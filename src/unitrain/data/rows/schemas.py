@@ -111,9 +111,22 @@ def detect_schema(row: dict, mode: str, fields: dict[str, str]) -> str:
             raise UnitrainError(f"cannot detect the schema: the first row has none of the fields {wanted}")
     if mode == "preference":
         return "preference" if prompt_present else "implicit"
-    if mode == "conversation" and "messages" not in present and not {"chosen", "rejected"} <= present:
+    if mode == "conversation" and "messages" not in present and not {"chosen", "rejected"} <= lists:
+        found = [fields[name] for name in ("chosen", "rejected") if name in present and name not in lists]
         raise UnitrainError(
-            f"conversation mode needs {fields['messages']!r} or {fields['chosen']!r}/{fields['rejected']!r}"
+            f"conversation mode needs the field {fields['messages']!r} (a list of {{role, content}} messages) or "
+            f"{fields['chosen']!r}/{fields['rejected']!r} as message lists; the first row has "
+            + (
+                f"{' and '.join(map(repr, found))} as text (use --mode preference)"
+                if found
+                else "none of them"
+            )
+        )
+    if mode == "groups" and group_shape(row, fields) is None:
+        wanted = [fields["completions"], fields["responses"], fields["rejected"]]
+        raise UnitrainError(
+            f"groups mode needs a list of responses in the field {wanted[0]!r} or {wanted[1]!r} (with "
+            f"{fields['scores']!r}), or {wanted[2]!r} as a list; the first row has none of them"
         )
     return mode
 
