@@ -112,10 +112,15 @@ def plain_state_dict(model) -> dict[str, torch.Tensor]:
 
 def to_transformers(model) -> torch.nn.Module:
     """A `transformers` causal LM holding `model`'s weights (adapters folded in) under their Hugging Face names,
-    in eval mode, on `model`'s device and in its dtype."""
+    in eval mode, on `model`'s device and in its dtype; on the transformers backend the model's own transformers
+    module (not a copy: its mode is the caller's to set)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from unitrain.model.hf import SPLIT_SIZES, hf_names
+
+    hf_model = getattr(model, "hf", None)
+    if isinstance(hf_model, torch.nn.Module):  # the transformers backend: already one, adapters live in it
+        return hf_model
 
     hf = model.config.to_hf()
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)

@@ -68,8 +68,12 @@ class Samples:
         )
         with torch.no_grad():
             model = to_transformers(self.trainer.model)
-            batch = self.trainer.config.batch.micro_batch_size
-            results = complete(model, [ids for _, ids in self.prompts], sampling, batch_size=batch)
+            training, batch = model.training, self.trainer.config.batch.micro_batch_size
+            model.eval()  # no dropout while generating (the transformers backend hands the trained module itself)
+            try:
+                results = complete(model, [ids for _, ids in self.prompts], sampling, batch_size=batch)
+            finally:
+                model.train(training)
             del model
         rows = []
         for (index, prompt), (ids, finish) in zip(self.prompts, results):
