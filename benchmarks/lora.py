@@ -109,7 +109,9 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
         seconds = metrics["step_seconds"]
         steps.append({"seconds": seconds, "pairs": round(metrics["pairs_per_second"] * seconds)})
         protocol.write(json.dumps(steps[-1]) + "\n")
-    training_peak = peak_memory_mib(cuda)
+    # the trainer resets the peak counters at each phase of a step: its recorder holds the steps' overall peak
+    recorded = trainer.memory.summary()["memory/peak_allocated_mib" if cuda else "memory/peak_rss_mib"]
+    training_peak = max(peak_memory_mib(cuda), recorded)
     write_json(
         out_path,
         {

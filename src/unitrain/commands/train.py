@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"done: {counted(result.steps, 'step')}{skipped}; export in {result.output_dir / 'hf'}")
+        if result.memory:
+            print(result.memory)
         summary = _validation_summary(result.last_metrics)
         if summary:
             print(f"validation ({_evaluated(result, config.objective)}): {summary}")

@@ -22,6 +22,32 @@ from unitrain.model.attention import Attention, build_attention, causal_attentio
 from unitrain.model.config import ModelConfig
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * (x / rms(x)) saving only x and the (..., 1) reciprocal rms: the normalized x is recomputed in
+    backward instead of being kept per layer beside the norm's output (one (T, D) activation less per norm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd  # (..., D) fp32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).to(rstd.dtype)  # (..., D)
+            grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
@@ -29,9 +55,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up from the fused (..., 2F) gate/up projection, saving only that projection: silu(gate) is
+    recomputed in backward instead of being kept per layer (one (T, F) activation less per MLP)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        grad_gate = grad * up * (sigmoid + silu * (1 - sigmoid))  # d silu / d gate = s + g s (1 - s)
+        return torch.cat([grad_gate, grad * silu], dim=-1)
 
 
 def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -106,8 +150,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (R, T, F) each
-        return self.down(F.silu(gate) * up)  # (R, T, D)
+        return self.down(_SiluMul.apply(self.gate_up(x)))  # (R, T, 2F) -> (R, T, F) -> (R, T, D)
 
 
 class Block(nn.Module):

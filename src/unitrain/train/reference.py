@@ -32,6 +32,7 @@ from unitrain.losses.logprobs import target_logprobs
 from unitrain.losses.preference import pair_view, response_logps
 from unitrain.model import from_pretrained
 from unitrain.model.adapter import adapter_hash, load_merged
+from unitrain.train.dist import barrier
 
 KINDS = ("none", "model", "cached")
 CACHE_FILE = "reference_logps.safetensors"
@@ -285,3 +286,36 @@ def _write_cache(path: Path, key: dict, tables: list[tuple[np.ndarray, np.ndarra
     save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "key": json.dumps(key)})
     follow_umask(partial)
     os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind
+
+
+def run_reference(trainer) -> Reference | None:
+    """A Trainer's frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
+    dpo = trainer.config.dpo
+    bf16 = trainer.config.train.dtype == "bfloat16"
+    if trainer.lora is not None and dpo.reference == "model" and dpo.reference_model is None:
+        # the policy's own module with its adapters off: no second model
+        return trainer.lora.reference(lambda: trainer.policy)
+
+    def build():
+        return make_reference(
+            dpo.reference,
+            model_path=dpo.reference_model or trainer.config.model.path or trainer.output_dir / "initial",
+            datasets=trainer.data.datasets,
+            sequence_length=trainer.config.packing.sequence_length,
+            micro_batch_size=trainer.config.batch.micro_batch_size,
+            cache_dir=dpo.reference_cache_dir or trainer.output_dir / "reference-cache",
+            on_mismatch=dpo.reference_on_mismatch,
+            device=trainer.context.device,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            progress=trainer.config.run.progress and trainer.context.is_main,
+            adapter=None if dpo.reference_model or trainer.lora is None else trainer.config.lora.adapter,
+            backend=trainer.config.model.backend,
+            trust_remote_code=trainer.config.model.trust_remote_code,
+        )
+
+    if dpo.reference != "cached" or not trainer.context.is_distributed:
+        return build()
+    # Rank 0 fills the cache once; the other ranks then find it valid and never build the reference model.
+    reference = build() if trainer.context.is_main else None
+    barrier(trainer.context)
+    return reference if reference is not None else build()

@@ -27,6 +27,7 @@ from unitrain.train import checkpoint as ckpt
 from unitrain.train import lora, samples
 from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
+from unitrain.train.memory import PhaseMemory
 from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
 from unitrain.train.policy import PolicyLogprobs, load_policy
@@ -42,6 +43,7 @@ class TrainResult:
     output_dir: Path
     last_metrics: dict[str, float]
     held_out: int = 0  # validation documents (or pairs), every one of them evaluated
+    memory: str = ""  # peak memory per phase, one line
 
 
 # token ids written to config.json, not architecture: a run saved before they were filled in still resumes
@@ -49,9 +51,11 @@ SPECIAL_TOKEN_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, context: DistContext, resume: bool):
-        self.config = config
-        self.context = context
+    def __init__(
+        self, config: TrainConfig, context: DistContext, resume: bool, memory: PhaseMemory | None = None
+    ):
+        self.config, self.context = config, context
+        self.memory = memory or PhaseMemory(context.device)
         self.output_dir = Path(config.run.output_dir)
         latest = ckpt.latest_checkpoint(ckpt.check_output_dir(self.output_dir))
         if latest is not None and not resume:
@@ -82,7 +86,9 @@ class Trainer:
         self.reference = None
         if config.objective == "dpo":
             self.loss_config = config.preference_loss_config()
-            self.reference = self._make_reference()
+            from unitrain.train.reference import run_reference
+
+            self.reference = run_reference(self)
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
         self.validation, self.samples = Validation(self), samples.Samples(self)
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
@@ -102,40 +108,6 @@ class Trainer:
         if self.context.is_main:
             print("\n".join(describe_rows(self.data)))
 
-    def _make_reference(self):
-        """The frozen reference: `dpo.reference_model`, else the starting policy (its `initial` export)."""
-        from unitrain.train.reference import make_reference
-
-        dpo = self.config.dpo
-        bf16 = self.config.train.dtype == "bfloat16"
-        if self.lora is not None and dpo.reference == "model" and dpo.reference_model is None:
-            # the policy's own module with its adapters off: no second model
-            return self.lora.reference(lambda: self.policy)
-
-        def build():
-            return make_reference(
-                dpo.reference,
-                model_path=dpo.reference_model or self.config.model.path or self.output_dir / "initial",
-                datasets=self.data.datasets,
-                sequence_length=self.config.packing.sequence_length,
-                micro_batch_size=self.config.batch.micro_batch_size,
-                cache_dir=dpo.reference_cache_dir or self.output_dir / "reference-cache",
-                on_mismatch=dpo.reference_on_mismatch,
-                device=self.context.device,
-                dtype=torch.bfloat16 if bf16 else torch.float32,
-                progress=self.config.run.progress and self.context.is_main,
-                adapter=None if dpo.reference_model or self.lora is None else self.config.lora.adapter,
-                backend=self.config.model.backend,
-                trust_remote_code=self.config.model.trust_remote_code,
-            )
-
-        if dpo.reference != "cached" or not self.context.is_distributed:
-            return build()
-        # Rank 0 fills the cache once; the other ranks then find it valid and never build the reference model.
-        reference = build() if self.context.is_main else None
-        barrier(self.context)
-        return reference if reference is not None else build()
-
     def _export_model(self, model: torch.nn.Module, directory: Path) -> None:
         from unitrain.model import save_pretrained
 
@@ -145,6 +117,10 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------------------------
     def save(self) -> None:
+        with self.memory.phase("checkpoint"):
+            self._save()
+
+    def _save(self) -> None:
         sharded = self.config.parallel.fsdp and self.context.is_distributed
         model_state, optimizer_state = ckpt.gather_states(
             self.wrapped, self.model, self.optimizer, sharded, trainable_only=self.lora is not None
@@ -225,17 +201,20 @@ class Trainer:
         if self.config.objective != "dpo":
             from unitrain.losses.lm import lm_loss_sum
 
-            loss_sum, _ = lm_loss_sum(module(batch).float())
+            with self.memory.phase("forward"):
+                loss_sum, _ = lm_loss_sum(module(batch).float())
             return loss_sum, None, sums
         from unitrain.train.preference_step import preference_loss_sums
 
         # The reference first: its forward's buffers (a layer's intermediates, a chunk of logits) are freed before
         # the policy's forward keeps its activations for the backward, instead of adding to that peak.
-        reference = self.reference.response_logps(batch, position)  # (Rb,), or None when reference-free
-        logps = module(batch)  # (N,)
-        loss_sum, group_loss, preference_sums = preference_loss_sums(
-            logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups
-        )
+        with self.memory.phase("reference"):
+            reference = self.reference.response_logps(batch, position)  # (Rb,), or None when reference-free
+        with self.memory.phase("forward"):
+            logps = module(batch)  # (N,)
+            loss_sum, group_loss, preference_sums = preference_loss_sums(
+                logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups
+            )
         return loss_sum, group_loss, {**sums, **preference_sums}
 
     def train_step(self) -> dict[str, float] | None:
@@ -261,20 +240,24 @@ class Trainer:
                 loss = loss_sum * (self.context.world_size / denominator)
                 if group_loss is not None:  # a listwise loss: averaged over the step's groups
                     loss = loss + group_loss * (self.context.world_size / max(step_batches.global_groups, 1))
-            loss.backward()
+            with self.memory.phase("backward"):
+                loss.backward()
+            del loss, group_loss  # the graph is freed: nothing of this micro-batch outlives its backward
             totals["loss"] = totals["loss"] + loss_sum.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
         totals["stop"] = float(self._signal is not None)
         reduced = reduce_sums(totals, self.context)
-        grad_norm = self._clip_gradients()
+        with self.memory.phase("optimizer"):
+            grad_norm = self._clip_gradients()
+            finite = math.isfinite(reduced["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         self._stopping = reduced["stop"] > 0
-        if not (math.isfinite(reduced["loss"]) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
             return None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics = {
             "loss": reduced["loss"] / denominator
             + reduced.get("group_loss", 0.0) / max(step_batches.global_groups, 1),
@@ -301,7 +284,11 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks; eval.samples."""
-        return {**self.validation.evaluate(), **self.samples.log(self.step)}
+        if not self.data.validation:
+            return {}
+        with self.memory.phase("validation", exclusive=True):
+            metrics = self.validation.evaluate()
+        return {**metrics, **self.samples.log(self.step)}
 
     # -- the loop -------------------------------------------------------------------------------------------
     @property
@@ -364,7 +351,8 @@ class Trainer:
                 if saved_at != self.step:
                     self.save()  # before the final evaluation: nothing trained is lost if it fails
                 if self.context.is_main:
-                    ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
+                    with self.memory.phase("export"):
+                        ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
                 last_metrics = {**last_metrics, **self._final_evaluation(writer, finished)}
                 writer.summarize({"steps": self.step, "skipped_steps": self.skipped, **last_metrics})
         finally:
@@ -374,8 +362,9 @@ class Trainer:
             writer.close()
         stopped_by = (self._signal or "SIGTERM on another rank") if self.stop_requested else None
         return TrainResult(
-            self.step, self.skipped, stopped_by, self.output_dir, last_metrics, self.data.held_out
-        )
+            self.step, self.skipped, stopped_by, self.output_dir, last_metrics, self.data.held_out,
+            self.memory.describe(),
+        )  # fmt: skip
 
     def _final_evaluation(self, writer: MetricsWriter, finished: bool) -> dict[str, float]:
         """Validation after the last step, logged once: a finished run resumed again keeps the one it logged.
@@ -387,7 +376,7 @@ class Trainer:
             if any_rank(bool(logged), self.context):
                 return logged
         final = self.evaluate()
-        writer.log(self.step, final)
+        writer.log(self.step, {**final, **self.memory.summary()})  # with the run's peak memory per phase
         return final
 
 
@@ -395,6 +384,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Run (or resume) training as described by `config`; joins the torchrun process group when launched so."""
     context = init_distributed(config.train.device)
     try:
-        return Trainer(resolve_hub_ids(config), context, resume).fit()
+        memory = PhaseMemory(context.device)
+        with memory.phase("startup"):
+            trainer = Trainer(resolve_hub_ids(config), context, resume, memory)
+        return trainer.fit()
     finally:
         shutdown(context)

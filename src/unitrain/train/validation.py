@@ -67,10 +67,12 @@ class Validation:
         for index, (position, batch) in enumerate(batches):
             if shard and index % context.world_size != context.rank:
                 continue
-            with trainer.autocast:
+            # no graph: one micro-batch's forward buffers at a time, nothing kept across batches
+            with torch.no_grad(), trainer.autocast:
                 loss_sum, _, sums = trainer.batch_loss(module, batch, chosen_per_pair, position)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
+            del loss_sum, sums, batch
         reduced = reduce_sums(totals, context) if shard else {k: float(v) for k, v in totals.items()}
         if config.objective != "dpo":
             return {"eval/loss": reduced["loss"] / max(reduced["targets"], 1)}
