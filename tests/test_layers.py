@@ -23,6 +23,7 @@ LAYERS = [
     ("unitrain.model",),
     ("unitrain.config", "unitrain.config_docs"),
     ("unitrain.train",),
+    ("unitrain.inference",),
     ("unitrain.commands",),
     ("unitrain.cli", "unitrain.__main__"),
 ]

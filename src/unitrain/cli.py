@@ -18,8 +18,14 @@ COMMANDS = {
     "train": "train a model (pretraining, SFT or DPO) from a YAML config",
     "score": "write the log-prob of every response of a preference dataset under a model (and a reference)",
     "export": "write a Hugging Face checkpoint from a training checkpoint",
+    "generate": "write completions of prompts from a checkpoint, an adapter or a run (and from its start)",
     "plot": "draw the training curves of a run as a PNG",
+    "import-gguf": "write a Hugging Face checkpoint (weights, tokenizer, chat template) from a GGUF file",
 }
+
+
+def _module(command: str):
+    return importlib.import_module(f"unitrain.commands.{command.replace('-', '_')}")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -33,7 +39,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(f"unitrain.commands.{name}").add_arguments(sub_parser)
+            _module(name).add_arguments(sub_parser)
     return parser
 
 
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 1
-    module = importlib.import_module(f"unitrain.commands.{args.command}")
+    module = _module(args.command)
     try:
         return int(module.run(args) or 0)
     except UnitrainError as error:

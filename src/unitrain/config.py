@@ -23,6 +23,7 @@ from unitrain.config_sections import (
     BatchSection,
     DataSection,
     DPOSection,
+    EvalSection,
     LoraSection,
     ModelSection,
     OptimizerSection,
@@ -61,6 +62,9 @@ class TrainConfig(Section):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
     train: TrainSection = Field(description="Length, seed, precision.")
     run: RunSection = Field(default_factory=RunSection, description="Output, logging and checkpoint cadence.")
+    eval: EvalSection = Field(
+        default_factory=EvalSection, description="What validation shows besides metrics."
+    )
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Multi-process settings.")
     wandb: WandbSection = Field(
         default_factory=WandbSection, description="Weights & Biases logging (off by default)."
@@ -335,3 +339,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_hub_ids(config: TrainConfig) -> TrainConfig:
+    """A copy of `config` whose `model.path`, `dpo.reference_model` and `lora.adapter` are local directories:
+    Hugging Face Hub ids (`org/name[@revision]`) resolved through the cache (unitrain.hub); a local path wins."""
+    from unitrain.hub import resolve_model
+
+    resolved = config.model_copy(deep=True)
+    resolved.model.path = resolve_model(config.model.path, "model.path")
+    resolved.dpo.reference_model = resolve_model(config.dpo.reference_model, "dpo.reference_model")
+    resolved.lora.adapter = resolve_model(config.lora.adapter, "lora.adapter")
+    return resolved

@@ -28,8 +28,10 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str | None = Field(
         None,
-        description="Local Hugging Face checkpoint directory to start from (config.json + safetensors: a hub "
-        "snapshot, a run's `hf/`, an export); not a hub name, a `checkpoints/step-*` or a PEFT adapter.",
+        description="Hugging Face checkpoint directory to start from (config.json + safetensors: a hub snapshot, "
+        "a run's `hf/`, an export; not a `checkpoints/step-*` or a PEFT adapter), or a Hub id `org/name[@revision]` "
+        "(resolved through the Hugging Face cache; a local directory of that name wins; `HF_HUB_OFFLINE=1`: the "
+        "cache only).",
     )
     config: dict[str, Any] | None = Field(
         None,
@@ -196,7 +198,9 @@ class DPOSection(Section):
         "a cache next to the run), `none` (reference-free losses only).",
     )
     reference_model: str | None = Field(
-        None, description="Checkpoint of the reference model; default: the starting policy."
+        None,
+        description="Checkpoint of the reference model (a directory or a Hub id `org/name[@revision]`, as "
+        "`model.path`); default: the starting policy.",
     )
     reference_cache_dir: str | None = Field(
         None,
@@ -289,6 +293,16 @@ class RunSection(Section):
     )
 
 
+class EvalSection(Section):
+    samples: int = Field(
+        0,
+        ge=0,
+        description="Completions of this many fixed held-out prompts at every validation (rank 0, greedy), in "
+        "`samples.jsonl`, TensorBoard's text tab and a W&B table; 0: none.",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion of `samples`, in tokens.")
+
+
 class ParallelSection(Section):
     fsdp: bool = Field(
         False, description="Shard parameters with FSDP2 `fully_shard` instead of replicating (DDP)."
@@ -332,8 +346,9 @@ class LoraSection(Section):
     )
     adapter: str | None = Field(
         None,
-        description="A PEFT LoRA adapter directory to start from (e.g. the `hf` export of a LoRA SFT run); its "
-        "rank, alpha, target modules and base (`model.path`) must match. It is also the DPO reference.",
+        description="A PEFT LoRA adapter directory (or a Hub id `org/name[@revision]`, as `model.path`) to start "
+        "from (e.g. the `hf` export of a LoRA SFT run); its rank, alpha, target modules and base (`model.path`) "
+        "must match. It is also the DPO reference.",
     )
 
     @field_validator("rank")

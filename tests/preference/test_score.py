@@ -117,3 +117,38 @@ def test_score_limit_scores_the_first_pairs_only(scored_setup, capsys):
         assert row["rejected_logp"] == pytest.approx(rejected, rel=1e-5)
     assert "scored 3 pairs" in capsys.readouterr().out
     assert not list(root.glob(".*.partial")), "the partial output file must be renamed, not left behind"
+
+
+def test_score_reports_margins_length_buckets_and_the_chosen_win_rate(scored_setup, tmp_path, capsys):
+    import statistics
+
+    root, samples, _ = scored_setup
+    output = tmp_path / "scores.jsonl"
+    argv = ["score", "--model", str(root / "policy"), "--reference", str(root / "reference")]
+    assert main([*argv, "--data", str(root / "data"), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    margins = [
+        (row["chosen_logp"] - row["reference_chosen_logp"])
+        - (row["rejected_logp"] - row["reference_rejected_logp"])
+        for row in rows
+    ]
+    assert f"median {statistics.median(margins):.3f}" in printed
+    assert f"mean {statistics.fmean(margins):.3f}" in printed
+    histogram = printed.split("histogram ")[1].splitlines()[0]
+    assert sum(int(cell.rsplit(":", 1)[1]) for cell in histogram.split()) == len(rows)
+    wins = sum(row["chosen_logp"] > row["reference_chosen_logp"] for row in rows)
+    assert f"more likely than under the reference: {wins} of {len(rows)}" in printed
+    longer = [max(row["chosen_tokens"], row["rejected_tokens"]) for row in rows]
+    buckets = printed.split("accuracy by the longer response's tokens: ")[1].splitlines()[0].split(", ")
+    counted = 0
+    for bucket in buckets:
+        span, rest = bucket.split(": ")
+        low, high = map(int, span.split("-"))
+        inside = [margin for margin, length in zip(margins, longer) if low <= length <= high]
+        accuracy, _, pairs = rest.split()
+        assert int(pairs) == len(inside) and float(accuracy) == pytest.approx(
+            sum(margin > 0 for margin in inside) / len(inside), abs=5e-4
+        )
+        counted += len(inside)
+    assert counted == len(rows)

@@ -96,3 +96,38 @@ def test_a_group_run_plots_and_reports_ranking_and_top1_accuracy(group_data, tmp
     assert "sigmoid + plackett_luce loss" in figure.texts[0].get_text()
     ranking = lines_of(next(axis for axis in figure.axes if axis.get_title() == "ranking"))
     assert {"validation rewards/ranking_accuracy", "validation rewards/top1_accuracy"} <= set(ranking)
+
+
+def test_scores_add_the_histogram_of_reward_margins(dpo_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    from matplotlib.figure import Figure
+
+    margins = [-1.5, -0.2, 0.1, 0.4, 0.45, 2.0, 3.5]
+    rows = [
+        {
+            "chosen_logp": -10.0 + m,
+            "rejected_logp": -12.0,
+            "reference_chosen_logp": -10.0,
+            "reference_rejected_logp": -12.0,
+        }
+        for m in margins
+    ]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (saved.append(self), real_savefig(self, *a, **k))
+    )
+    assert main(["plot", str(dpo_run), "--scores", str(scores), "--output", str(tmp_path / "c.png")]) == 0
+    axis = next(axis for axis in saved[0].axes if axis.get_title() == "reward margins")
+    (stairs,) = [artist for artist in axis.patches]
+    heights = list(stairs.get_data().values)
+    assert sum(heights) == len(margins)
+    assert (
+        heights[0] == 1 and heights[-1] == 1
+    )  # -1.5 alone in the first of 8 bins over [-1.5, 3.5], 3.5 in the last
+    (scores.parent / "bad.jsonl").write_text('{"chosen_logp": 1.0}\n')
+    assert main(["plot", str(dpo_run), "--scores", str(scores.parent / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not a pair scored with --reference" in capsys.readouterr().err

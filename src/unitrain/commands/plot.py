@@ -1,7 +1,8 @@
 """`unitrain plot RUN_DIR [--output PNG]`: training curves from `metrics.jsonl` as one PNG.
 
 Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards, and for
-preference groups ranking and top-1 accuracy. Colour says what a line measures (chosen green, rejected red),
+preference groups ranking and top-1 accuracy; with `--scores` the histogram of a score's per-pair reward
+margins. Colour says what a line measures (chosen green, rejected red),
 style says where (train: a line; validation: dashed with markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
 DPO loss, its value while the policy equals the reference). The title names the run and its objective, read
 from the config saved with its latest checkpoint. A mixed run adds a line per objective (`lm/loss`, `sft/loss`,
@@ -41,6 +42,10 @@ STYLES = {"train": {"linestyle": "-", "alpha": 0.6}, "validation": {"linestyle":
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run's output directory (holding metrics.jsonl)")
     parser.add_argument("--output", help="PNG path (default: RUN_DIR/curves.png)")
+    parser.add_argument(
+        "--scores",
+        help="a `unitrain score --reference` output: adds the histogram of its pairs' reward margins",
+    )
 
 
 def series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
@@ -101,6 +106,41 @@ def _chance_lines(axis, title: str, config: dict) -> None:
         axis.axhline(math.log(2), color="grey", linestyle=":", label="ln 2 (policy = reference)")
 
 
+def _score_margins(path: Path) -> list[float]:
+    """Reward margins ((chosen − reference) − (rejected − reference) log-prob, β = 1) of a score's pairs."""
+    import json
+
+    if not path.is_file():
+        raise UnitrainError(f"{path}: no such scores file")
+    keys = ("chosen_logp", "rejected_logp", "reference_chosen_logp", "reference_rejected_logp")
+    margins = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        row = json.loads(line)
+        if not all(key in row for key in keys):
+            raise UnitrainError(
+                f"{path}:{number}: not a pair scored with --reference (needs {', '.join(keys)})"
+            )
+        chosen, rejected, ref_chosen, ref_rejected = (row[key] for key in keys)
+        margins.append((chosen - ref_chosen) - (rejected - ref_rejected))
+    if not margins:
+        raise UnitrainError(f"{path}: no scored pairs")
+    return margins
+
+
+def _margin_histogram(axis, margins: list[float], source: str) -> None:
+    import numpy as np
+
+    from unitrain.inference.report import margin_histogram
+
+    counts, edges = margin_histogram(np.array(margins))
+    axis.stairs(counts, edges, fill=True, color="tab:purple", alpha=0.6, label=f"{len(margins)} pairs")
+    axis.axvline(0.0, color="grey", linestyle=":", label="0 (no preference)")
+    axis.set_title("reward margins")
+    axis.set_xlabel(f"chosen − rejected reward (β = 1), {Path(source).name}")
+    axis.set_ylabel("pairs")
+    axis.legend(fontsize=7)
+
+
 def run(args: argparse.Namespace) -> int:
     from unitrain.train.metrics import read_metrics
 
@@ -117,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
         raise UnitrainError("plot needs matplotlib: pip install 'unitrain[plot]'") from None
     config = _run_config(run_dir)
     panels = [panel for panel in PANELS if any(panel[2][0] in row for row in rows)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    margins = _score_margins(Path(args.scores)) if args.scores else None
+    count = len(panels) + (margins is not None)
+    figure, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.8), squeeze=False)
+    if margins is not None:
+        _margin_histogram(axes[0][-1], margins, args.scores)
     for axis, (title, ylabel, names) in zip(axes[0], panels):
         for name in names:
             for where, key in lines(rows, name):

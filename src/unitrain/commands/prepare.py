@@ -23,6 +23,7 @@ FLAGS = (
     "on_error",
     "chat_template",
     "split",
+    "chat",
 )
 
 
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--on-error", dest="on_error", choices=["skip", "fail"], help="bad rows: drop or stop"
     )
     parser.add_argument("--chat-template", dest="chat_template", help="Jinja chat template file")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        default=None,
+        help='plain-text rows as chat messages (HH-style "Human:/Assistant:" turns, plain prompts) rendered '
+        "with the chat template",
+    )
     parser.add_argument("--split", help="split of a save_to_disk dict or hub dataset (default train)")
     parser.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN", help="rename a field")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="Hugging Face checkpoint directory of the model to score, or a PEFT LoRA adapter directory",
+        help="Hugging Face checkpoint directory of the model to score, a PEFT LoRA adapter directory, or a "
+        "Hugging Face Hub id org/name[@revision]",
     )
     parser.add_argument(
         "--base", help="base checkpoint of adapter directories (default: their base_model_name_or_path)"
@@ -121,6 +122,7 @@ def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap.reader import GPTMemmapDataset
+    from unitrain.hub import resolve_model
     from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
     from unitrain.train.compat import check_tokenizer, check_vocab_size
     from unitrain.train.data import held_out_indices
@@ -128,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from unitrain.train.lora import check_adapter_base
 
     started = time.perf_counter()
+    for name in ("model", "reference", "base"):
+        setattr(args, name, resolve_model(getattr(args, name), f"--{name}"))
     dataset = GPTMemmapDataset(args.data)
     if dataset.kind != "preference":
         raise UnitrainError(f"{args.data}: score needs a preference dataset, this one is {dataset.kind}")
@@ -162,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")  # renamed at the end: never a half-written output
     totals = [0, 0, 0]  # ordered pairs, correctly ordered pairs, top-1 hits
+    pairs = []  # (reward margin, longer response's tokens, chosen log-prob minus the reference's) of each pair
     with partial.open("w") as handle:
         for index in sorted(scored["policy"]):
             logps, tokens = scored["policy"][index]
@@ -170,10 +175,19 @@ def run(args: argparse.Namespace) -> int:
             scores = dataset[index].group_scores.tolist()
             counts = _ranking(scores, rewards)
             totals = [total + count for total, count in zip(totals, counts)]
+            if scores == [1.0, 0.0]:
+                pairs.append((rewards[0] - rewards[1], max(tokens), rewards[0]))
             handle.write(json.dumps(_row(index, logps, tokens, scores, args.reference and reference)) + "\n")
     partial.replace(output)
     groups = len(scored["policy"])
     print(_summary(args, groups, skipped, totals, dataset.is_groups, time.perf_counter() - started))
+    if pairs:
+        from unitrain.inference.report import preference_report
+
+        margins, lengths, gains = np.array(pairs).T  # (P,) each
+        print(
+            "\n".join(preference_report(margins, lengths.astype(np.int64), gains if args.reference else None))
+        )
     return 0
 
 

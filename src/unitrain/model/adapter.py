@@ -210,7 +210,10 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> None:
 
 def adapter_base(directory: str | Path, base: str | Path | None = None) -> Path:
     """The base checkpoint directory of an adapter: `base` when given, else its `base_model_name_or_path`."""
+    from unitrain.hub import resolve_model
+
     base = base or read_adapter_config(directory).get("base_model_name_or_path")
+    base = resolve_model(base, f"{Path(directory) / ADAPTER_CONFIG}: base_model_name_or_path") if base else base
     if not base or not (Path(base) / "config.json").is_file():
         raise UnitrainError(
             f"{Path(directory) / ADAPTER_CONFIG}: its base model {base!r} is not a checkpoint directory here "

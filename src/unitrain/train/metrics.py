@@ -54,6 +54,9 @@ def ranking_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, flo
     }
 
 
+SAMPLES_FILE = "samples.jsonl"  # completions of eval.samples, one row per prompt and validation
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -76,6 +79,7 @@ class MetricsWriter:
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.samples_path = Path(output_dir) / SAMPLES_FILE
         self._tensorboard = None
         self._wandb = None
         if not enabled:
@@ -89,8 +93,9 @@ class MetricsWriter:
             self.path.write_text("")
         else:
             # Lines past the checkpoint came from the interrupted run; the resumed run writes them again.
-            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            for path in (self.path, self.samples_path):
+                kept = [row for row in read_metrics(path) if row["step"] <= resume_step]
+                path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -116,6 +121,18 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(step, metrics)
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Completions of `eval.samples` (rows with index, prompt, completion): appended to samples.jsonl, a
+        Markdown table in TensorBoard's text tab, a table in W&B."""
+        if not self.enabled or not rows:
+            return
+        with open(self.samples_path, "a") as handle:
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        if self._tensorboard is not None:
+            self._tensorboard.add_text("samples", samples_markdown(rows), step)
+        if self._wandb is not None:
+            self._wandb.log_table(step, "samples", ["index", "prompt", "completion"], rows)
+
     def summarize(self, values: dict[str, float]) -> None:
         """The run's final numbers, where a dashboard shows them (W&B's summary); metrics.jsonl has them already."""
         if self._wandb is not None:
@@ -126,6 +143,19 @@ class MetricsWriter:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.close()
+
+
+def samples_markdown(rows: list[dict], prompt_chars: int = 300) -> str:
+    """A Markdown table of samples (the end of each prompt), cells escaped for TensorBoard's text tab."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| index | prompt | completion |", "|---|---|---|"]
+    for row in rows:
+        prompt = row["prompt"] if len(row["prompt"]) <= prompt_chars else "…" + row["prompt"][-prompt_chars:]
+        lines.append(f"| {row['index']} | {cell(prompt)} | {cell(row['completion'])} |")
+    return "\n".join(lines)
 
 
 class Progress:

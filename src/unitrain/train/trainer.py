@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from unitrain.config import TrainConfig, config_to_yaml
+from unitrain.config import TrainConfig, config_to_yaml, resolve_hub_ids
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import lora
+from unitrain.train import lora, samples
 from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
 from unitrain.train.memory import PhaseMemory
@@ -91,7 +91,7 @@ class Trainer:
 
             self.reference = run_reference(self)
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
-        self.validation = Validation(self)
+        self.validation, self.samples = Validation(self), samples.Samples(self)
         self.mixed = MixedObjectives.attach(self)  # None unless several objectives or named validation sets
         self.wrapped = wrap_model(self.policy, context, config.parallel.fsdp)
         sharded = config.parallel.fsdp and context.is_distributed
@@ -289,11 +289,12 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks."""
+        """Loss (and DPO metrics) over every validation document/pair/group, reduced over ranks; eval.samples."""
         if not self.data.validation:
             return {}
         with self.memory.phase("validation", exclusive=True):
-            return self.validation.evaluate()
+            metrics = self.validation.evaluate()
+        return {**metrics, **self.samples.log(self.step)}
 
     # -- the loop -------------------------------------------------------------------------------------------
     @property
@@ -307,7 +308,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         run = self.config.run
         total = self.data.total_steps
-        writer = MetricsWriter(
+        writer = self.writer = MetricsWriter(
             self.output_dir,
             self.context.is_main,
             run.tensorboard,
@@ -391,7 +392,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     try:
         memory = PhaseMemory(context.device)
         with memory.phase("startup"):
-            trainer = Trainer(config, context, resume, memory)
+            trainer = Trainer(resolve_hub_ids(config), context, resume, memory)
         return trainer.fit()
     finally:
         shutdown(context)

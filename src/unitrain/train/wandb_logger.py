@@ -58,6 +58,12 @@ class WandbLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log({"step": step, **metrics})
 
+    def log_table(self, step: int, name: str, columns: list[str], rows: list[dict]) -> None:
+        import wandb
+
+        table = wandb.Table(columns=columns, data=[[row[column] for column in columns] for row in rows])
+        self.run.log({"step": step, name: table})
+
     def summarize(self, values: dict[str, float]) -> None:
         self.run.summary.update(values)
 

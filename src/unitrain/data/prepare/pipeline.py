@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.data.prepare.checks import WARNINGS
 from unitrain.data.prepare.tokenize import TOKENIZE_RULES, TextTokenizer
 from unitrain.data.prepare.units import Tokenizers, UnitReport, complete_unit, unit_dir, write_unit
+from unitrain.data.rows.chat import chat_row
 from unitrain.data.rows.inputs import Unit, read_unit, resolve_units, signature
 from unitrain.data.rows.schemas import FIELD_DEFAULTS, FIELDS, RowError, detect_schema, parse_row
 from unitrain.errors import UnitrainError
@@ -42,6 +44,7 @@ KIND_OF_SCHEMA = {
     "groups": "preference",
 }
 POLL_SECONDS = 0.5
+CHAT_SCHEMAS = ("text", "preference", "implicit")  # plain-text rows that --chat turns into messages
 
 
 class PrepareConfig(BaseModel):
@@ -69,6 +72,11 @@ class PrepareConfig(BaseModel):
         default_factory=dict, description="schema field → column name in the input"
     )
     chat_template: str | None = Field(None, description="Jinja chat template file (default: the tokenizer's)")
+    chat: bool = Field(
+        False,
+        description="plain-text rows as chat messages rendered with the chat template: HH-style "
+        '"Human:/Assistant:" turns, a plain prompt as a user turn, a plain response as an assistant turn',
+    )
     split: str = Field("train", description="split to read from a save_to_disk dict or a hub dataset")
     max_shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1, description="tokens per shard before a new one")
 
@@ -95,8 +103,9 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 # ---------------------------------------------------------------- the run
 
 
-def _detect(units: list[Unit], config: PrepareConfig, fields: dict) -> tuple[str, str]:
-    """(schema, dataset kind) from the first row that parses, searching the units in order."""
+def _detect(units: list[Unit], config: PrepareConfig, fields: dict) -> tuple[str, str, str | None]:
+    """(schema, dataset kind, the plain-text schema `--chat` converts from or None) from the first row that
+    parses, searching the units in order."""
     for unit in units:
         for _, raw in read_unit(unit, config.split):
             try:
@@ -104,10 +113,34 @@ def _detect(units: list[Unit], config: PrepareConfig, fields: dict) -> tuple[str
             except RowError:
                 continue
             schema = detect_schema(first, config.mode, fields)
+            plain = None
+            if config.chat and schema != "conversation":
+                if schema not in CHAT_SCHEMAS:
+                    raise UnitrainError(
+                        f"--chat turns text and preference rows into messages, not {schema} rows (mode "
+                        f"{config.mode}); leave --chat out"
+                    )
+                plain, schema = schema, "conversation"
+                try:
+                    first = chat_row(first, plain, fields)
+                except RowError:
+                    continue
             if schema == "conversation":
-                return schema, "preference" if fields["messages"] not in first else "sft"
-            return schema, KIND_OF_SCHEMA[schema]
+                return schema, "preference" if fields["messages"] not in first else "sft", plain
+            return schema, KIND_OF_SCHEMA[schema], None
     raise UnitrainError(f"{', '.join(config.inputs)}: no readable rows")
+
+
+def _plain_text_warning(config: PrepareConfig, tokenizer: TextTokenizer, schema: str) -> str | None:
+    """A chat model's tokenizer given plain-text rows: they are tokenized as they are, which is rarely what a
+    chat model was trained on; said once, with the way out."""
+    if tokenizer.chat_template is None or schema not in CHAT_SCHEMAS or config.chat:
+        return None
+    return (
+        f"warning: {config.tokenizer} has a chat template but the rows are plain text ({schema}): they are "
+        'tokenized as they are, not as chat turns; --chat renders HH-style "Human:/Assistant:" turns and plain '
+        "prompts as messages with the template"
+    )
 
 
 def _work_key(config: PrepareConfig, units: list[Unit], tokenizer: TextTokenizer, schema: str) -> str:
@@ -149,7 +182,10 @@ def prepare(
         raise UnitrainError(f"{output} already exists; pass --overwrite to replace it")
     tokenizer = TextTokenizer(config.tokenizer, config.chat_template)
     units = resolve_units(config.inputs)
-    schema, kind = _detect(units, config, fields)
+    schema, kind, plain = _detect(units, config, fields)
+    warning = _plain_text_warning(config, tokenizer, schema)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
     key = _work_key(config, units, tokenizer, schema)
     work = output.parent / f".{output.name}.prepare-{key}"
     work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +193,7 @@ def prepare(
     mine = [n for n in range(rank, len(units), world_size) if complete_unit(work, n) is None]
     bar = _progress_bar(progress and rank == 0, [units[n] for n in mine])
     tokenizers = Tokenizers(
-        config.workers if mine else 1, (tokenizer, schema, kind, fields, config.max_length)
+        config.workers if mine else 1, (tokenizer, schema, kind, fields, config.max_length, plain)
     )
     try:
         for number in mine:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from unitrain.data.memmap.writer import DatasetWriter
 from unitrain.data.prepare.tokenize import FIRST_ROWS_KEPT, Counters, TextTokenizer, to_samples
+from unitrain.data.rows.chat import chat_row
 from unitrain.data.rows.extract import extract
 from unitrain.data.rows.inputs import Unit, read_unit
 from unitrain.data.rows.schemas import RowError, parse_row
@@ -33,9 +34,17 @@ def _init_pool_worker(*init) -> None:
 
 
 def _init_worker(
-    tokenizer: TextTokenizer, schema: str, kind: str, fields: dict, max_length: int | None
+    tokenizer: TextTokenizer,
+    schema: str,
+    kind: str,
+    fields: dict,
+    max_length: int | None,
+    chat: str | None = None,
 ) -> None:
-    _WORKER.update(tokenizer=tokenizer, schema=schema, kind=kind, fields=fields, max_length=max_length)
+    """`chat`: the plain-text schema whose rows `--chat` turns into messages (None: rows are taken as they are)."""
+    _WORKER.update(
+        tokenizer=tokenizer, schema=schema, kind=kind, fields=fields, max_length=max_length, chat=chat
+    )
 
 
 def _process_chunk(chunk: list[tuple[int, bytes | dict]]):
@@ -44,7 +53,10 @@ def _process_chunk(chunk: list[tuple[int, bytes | dict]]):
     documents, failures = [], []
     for row_index, raw in chunk:
         try:
-            documents.append(extract(_WORKER["schema"], row_index, parse_row(raw), fields, tokenizer.render))
+            row = parse_row(raw)
+            if _WORKER["chat"]:
+                row = chat_row(row, _WORKER["chat"], fields)
+            documents.append(extract(_WORKER["schema"], row_index, row, fields, tokenizer.render))
         except RowError as error:
             failures.append((row_index, error))
     counters = Counters()
