@@ -62,7 +62,7 @@ def policy_pair_logps(model, batch):
 def run_training(spec: Spec, variant: str, mode: str, share_prompt: bool) -> dict:
     from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
     from unitrain.model.attention import build_attention
-    from unitrain.train.reference import make_reference
+    from unitrain.train.step.reference import make_reference
 
     start = time.perf_counter()
     dataset, model = load(spec)
@@ -144,7 +144,7 @@ def run_gate(spec: Spec) -> dict:
     """Per-pair log-probs and losses of the first `gate_pairs` pairs in every layout, against a distinct reference."""
     from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
     from unitrain.model import from_pretrained
-    from unitrain.train.reference import ModelReference
+    from unitrain.train.step.reference import ModelReference
 
     dataset, model = load(spec)
     reference = ModelReference(

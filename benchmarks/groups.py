@@ -39,7 +39,7 @@ from unitrain.config import parse_config  # noqa: E402
 from unitrain.data.memmap.reader import GPTMemmapDataset  # noqa: E402
 from unitrain.data.prepare.pipeline import PrepareConfig, prepare  # noqa: E402
 from unitrain.train import train  # noqa: E402
-from unitrain.train.metrics import read_metrics  # noqa: E402
+from unitrain.train.logs.metrics import read_metrics  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 HH_RLHF = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"

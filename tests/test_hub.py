@@ -11,7 +11,7 @@ import torch
 
 from unitrain.cli import main
 from unitrain.errors import UnitrainError
-from unitrain.hub import resolve_model
+from unitrain.files import resolve_model
 
 MAIN, V2 = "a" * 40, "b" * 40  # commit hashes of two revisions
 VOCAB = 61

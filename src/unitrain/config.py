@@ -343,8 +343,8 @@ def config_to_yaml(config: TrainConfig) -> str:
 
 def resolve_hub_ids(config: TrainConfig) -> TrainConfig:
     """A copy of `config` whose `model.path`, `dpo.reference_model` and `lora.adapter` are local directories:
-    Hugging Face Hub ids (`org/name[@revision]`) resolved through the cache (unitrain.hub); a local path wins."""
-    from unitrain.hub import resolve_model
+    Hugging Face Hub ids (`org/name[@revision]`) resolved through the cache (unitrain.files); a local path wins."""
+    from unitrain.files import resolve_model
 
     resolved = config.model_copy(deep=True)
     resolved.model.path = resolve_model(config.model.path, "model.path")

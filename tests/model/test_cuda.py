@@ -76,7 +76,7 @@ def test_chunked_logprobs_on_gpu():
 def test_flex_inside_a_transformers_model_equals_eager_transformers(architecture):
     """The transformers backend on CUDA (flex, with Gemma 2's soft-caps and windows) against eager transformers on
     each sequence alone, fp32."""
-    from unitrain.train.reference import pair_logps_of
+    from unitrain.train.step.reference import pair_logps_of
 
     from ..preference.conftest import ListDataset, packed_batch, random_pairs, standalone_pair_logps
     from .transformers_configs import build, twin_logits

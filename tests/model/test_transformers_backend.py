@@ -15,7 +15,7 @@ import torch
 from unitrain.errors import UnitrainError
 from unitrain.losses.preference import PreferenceLossConfig, preference_losses
 from unitrain.train.policy import PolicyLogprobs
-from unitrain.train.reference import pair_logps_of
+from unitrain.train.step.reference import pair_logps_of
 
 from ..preference.conftest import (
     ListDataset,
@@ -136,7 +136,7 @@ def test_activation_checkpointing_gives_the_same_gradients(pairs):
 
 
 def test_what_cannot_be_trained_exactly_is_refused_in_one_line():
-    from unitrain.model.transformers_backend import build_hf_model, resolve_backend
+    from unitrain.model.hf_backend.build import build_hf_model, resolve_backend
 
     cases = {
         "t5": (dict(model_type="t5"), "encoder-decoder"),
@@ -160,7 +160,7 @@ def test_what_cannot_be_trained_exactly_is_refused_in_one_line():
 
 def test_the_probe_catches_a_layer_that_mixes_the_row(monkeypatch):
     """Without the config check, Falcon-H1's Mamba layers are caught by the packed-vs-alone probe."""
-    from unitrain.model import transformers_backend
+    from unitrain.model.hf_backend import build as transformers_backend
 
     monkeypatch.setattr(transformers_backend, "check_config", lambda *args: None)
     config = dict(model_type="falcon_h1", **_small())

@@ -78,7 +78,7 @@ def build(name: str, seed: int = 0):
     """(the backend's model, an eager transformers twin with the same weights), both fp32."""
     from transformers import AutoModelForCausalLM
 
-    from unitrain.model.transformers_backend import build_hf_model
+    from unitrain.model.hf_backend.build import build_hf_model
 
     torch.manual_seed(seed)
     model = build_hf_model(ARCHITECTURES[name])

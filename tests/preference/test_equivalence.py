@@ -11,7 +11,7 @@ import torch
 
 from unitrain.data.batches.stream import BatchStream
 from unitrain.losses.preference import PreferenceLossConfig, preference_losses
-from unitrain.train.reference import pair_logps_of
+from unitrain.train.step.reference import pair_logps_of
 
 from .conftest import ListDataset, build_tiny_model, packed_batch, random_pairs, standalone_pair_logps
 

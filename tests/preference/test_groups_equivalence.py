@@ -13,7 +13,7 @@ import torch
 from unitrain.data.epoch.ranking import group_pairs
 from unitrain.data.sample import GPTSample
 from unitrain.losses.preference import PreferenceLossConfig, pair_view, preference_losses
-from unitrain.train.reference import pair_logps_of, response_logps_of
+from unitrain.train.step.reference import pair_logps_of, response_logps_of
 
 from .conftest import VOCAB, build_tiny_model, packed_batch, random_groups, standalone_response_logps
 

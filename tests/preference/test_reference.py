@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-import unitrain.train.reference as reference_module
+import unitrain.train.step.reference as reference_module
 from unitrain.errors import UnitrainError
 from unitrain.model import save_pretrained
-from unitrain.train.reference import CACHE_FILE, make_reference
+from unitrain.train.step.reference import CACHE_FILE, make_reference
 
 from .conftest import build_tiny_model, packed_batch, random_groups, random_pairs, standalone_response_logps
 

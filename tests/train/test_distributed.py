@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from unitrain.config import config_to_yaml
 from unitrain.train.checkpoint import latest_checkpoint
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 SECTIONS = {"train": {"max_steps": 4}, "run": {"eval_every": 2}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

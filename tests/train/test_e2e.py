@@ -17,8 +17,8 @@ from unitrain.data.batches.stream import iterate_batches
 from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.model import from_pretrained
 from unitrain.model.adapter import load_model
-from unitrain.train.metrics import read_metrics
-from unitrain.train.reference import pair_logps_of
+from unitrain.train.logs.metrics import read_metrics
+from unitrain.train.step.reference import pair_logps_of
 
 TINY_MODEL = {
     "hidden_size": 32,

@@ -15,7 +15,7 @@ import torch
 from unitrain.cli import main
 from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.model import from_pretrained
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 from .test_e2e import run_cli
 

@@ -22,9 +22,9 @@ from unitrain.model import from_pretrained
 from unitrain.train import train
 from unitrain.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint
 from unitrain.train.dist import init_distributed
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 from unitrain.train.policy import PolicyLogprobs
-from unitrain.train.reference import CACHE_FILE, weights_hash
+from unitrain.train.step.reference import CACHE_FILE, weights_hash
 from unitrain.train.trainer import Trainer
 
 from .conftest import tiny_raw
@@ -98,12 +98,12 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(preference_data, t
 def test_adapter_off_reference_is_the_base_model_bit_for_bit(
     preference_data, tmp_path, tiny_config, monkeypatch
 ):
-    import unitrain.train.reference
+    import unitrain.train.step.reference
 
     def no_second_model(*args, **kwargs):
         raise AssertionError("the LoRA reference must not load a model")
 
-    monkeypatch.setattr(unitrain.train.reference, "from_pretrained", no_second_model)
+    monkeypatch.setattr(unitrain.train.step.reference, "from_pretrained", no_second_model)
     config = tiny_config("dpo", preference_data, tmp_path, lora=LORA, train={"max_steps": 3})
     trainer = Trainer(config, init_distributed("cpu"), resume=False)
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
 from unitrain.train.dist import init_distributed
-from unitrain.train.memory import PhaseMemory
+from unitrain.train.logs.memory import PhaseMemory
 from unitrain.train.trainer import Trainer, train
 
 from .conftest import VOCAB

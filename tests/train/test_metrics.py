@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unitrain.train.dist import DistContext
-from unitrain.train.metrics import MetricsWriter, preference_metrics, read_metrics, reduce_sums
+from unitrain.train.logs.metrics import MetricsWriter, preference_metrics, read_metrics, reduce_sums
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -15,7 +15,7 @@ from unitrain.data.epoch.rules import sft_document, sft_targets
 from unitrain.train import train
 from unitrain.train.data import load_training_data
 from unitrain.train.dist import DistContext
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 from unitrain.train.trainer import Trainer
 
 from .conftest import tiny_raw

@@ -19,7 +19,7 @@ import torch
 
 from unitrain.config import parse_config
 from unitrain.train import train
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 from .conftest import tiny_raw
 from .test_trainer import final_weights

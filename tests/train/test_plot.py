@@ -10,7 +10,7 @@ import pytest
 from unitrain.cli import main
 from unitrain.config import config_to_yaml, parse_config
 from unitrain.train import train
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 pytest.importorskip("matplotlib")
 

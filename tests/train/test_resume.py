@@ -14,7 +14,7 @@ from unitrain.config import config_to_yaml
 from unitrain.errors import UnitrainError
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint, list_checkpoints
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 from unitrain.train.trainer import Trainer
 
 

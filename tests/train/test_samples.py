@@ -13,7 +13,7 @@ import torch
 from unitrain.cli import main
 from unitrain.config import parse_config
 from unitrain.train import train
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 from .test_wandb import history, offline_runs
 

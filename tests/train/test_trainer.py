@@ -15,7 +15,7 @@ from unitrain.data.memmap.reader import GPTMemmapDataset
 from unitrain.errors import UnitrainError
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 from .conftest import tiny_raw
 
@@ -298,7 +298,7 @@ def test_cached_reference_equals_model_reference(preference_data, tmp_path, tiny
 
 def test_reference_cache_dir_is_shared_between_runs(preference_data, tmp_path, tiny_config):
     """Two runs pointed at one `dpo.reference_cache_dir` compute the reference log-probs once."""
-    from unitrain.train.reference import CACHE_FILE
+    from unitrain.train.step.reference import CACHE_FILE
 
     cache = tmp_path / "shared-cache"
     dpo = {"reference": "cached", "reference_cache_dir": str(cache), "reference_on_mismatch": "error"}

@@ -15,7 +15,7 @@ from unitrain.cli import main
 from unitrain.config import config_to_yaml
 from unitrain.train import train
 from unitrain.train.checkpoint import latest_checkpoint
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 from unitrain.train.trainer import Trainer
 
 from .conftest import VOCAB

@@ -12,7 +12,7 @@ import pytest
 
 from unitrain.errors import UnitrainError
 from unitrain.train import train
-from unitrain.train.metrics import read_metrics
+from unitrain.train.logs.metrics import read_metrics
 
 WANDB = {
     "enabled": True,

@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.prepare.tokenize import TextTokenizer
-    from unitrain.hub import resolve_model
+    from unitrain.files import resolve_model
     from unitrain.inference.models import model_source
     from unitrain.inference.prompts import encode_prompts, held_out_prompts, read_prompts
     from unitrain.model.generate import Sampling, complete, eos_ids, to_transformers

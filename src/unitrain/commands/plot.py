@@ -142,7 +142,7 @@ def _margin_histogram(axis, margins: list[float], source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unitrain.train.metrics import read_metrics
+    from unitrain.train.logs.metrics import read_metrics
 
     run_dir = Path(args.run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")

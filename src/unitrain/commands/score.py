@@ -81,7 +81,7 @@ def _score(
 
     from unitrain.data.batches.collate import collate
     from unitrain.data.epoch.plan import plan_rows
-    from unitrain.train.reference import response_logps_of
+    from unitrain.train.step.reference import response_logps_of
 
     plan = plan_rows(dataset, indices, **packing)
     layout = {name: packing[name] for name in ("objective", "mode", "share_prompt")}
@@ -122,7 +122,7 @@ def _ranking(scores: list[float], rewards: list[float]) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from unitrain.data.memmap.reader import GPTMemmapDataset
-    from unitrain.hub import resolve_model
+    from unitrain.files import resolve_model
     from unitrain.model.adapter import adapter_base, is_adapter_dir, load_model
     from unitrain.train.compat import check_tokenizer, check_vocab_size
     from unitrain.train.data import held_out_indices

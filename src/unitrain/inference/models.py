@@ -116,7 +116,7 @@ def _load_run_checkpoint(checkpoint: Path, dtype: torch.dtype, device):
 
     from unitrain.model import ModelConfig, build_model, from_pretrained
     from unitrain.model.lora import apply_lora, load_adapter_state, merge_lora
-    from unitrain.train.reference import weights_hash
+    from unitrain.train.step.reference import weights_hash
 
     meta = json.loads((checkpoint / "meta.json").read_text())
     state = load_file(str(checkpoint / "model.safetensors"))

@@ -1,5 +1,5 @@
 """The decoder (Llama 2/3, Mistral, Qwen2, Qwen3), its config, packed-batch attention and Hugging Face I/O; every
-other causal LM through the transformers backend (`transformers_backend.py`, `hf_attention.py`)."""
+other causal LM through the transformers backend (`hf_backend/`)."""
 
 from unitrain.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from unitrain.model.hf import from_pretrained, save_pretrained

@@ -210,7 +210,7 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> None:
 
 def adapter_base(directory: str | Path, base: str | Path | None = None) -> Path:
     """The base checkpoint directory of an adapter: `base` when given, else its `base_model_name_or_path`."""
-    from unitrain.hub import resolve_model
+    from unitrain.files import resolve_model
 
     base = base or read_adapter_config(directory).get("base_model_name_or_path")
     base = resolve_model(base, f"{Path(directory) / ADAPTER_CONFIG}: base_model_name_or_path") if base else base

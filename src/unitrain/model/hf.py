@@ -129,8 +129,8 @@ def from_pretrained(
     trust_remote_code: bool = False,
 ) -> Transformer:
     """Load a Hugging Face checkpoint directory. `dtype` None = float32 (training master weights). `backend`
-    (auto | native | transformers) picks the decoder (`model/transformers_backend.py` for the transformers one)."""
-    from unitrain.model.transformers_backend import load_hf_model, resolve_backend
+    (auto | native | transformers) picks the decoder (`model/hf_backend/build.py` for the transformers one)."""
+    from unitrain.model.hf_backend.build import load_hf_model, resolve_backend
 
     directory = Path(path)
     config_path = directory / "config.json"

@@ -227,7 +227,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
 
 def _export_full(checkpoint: Path, directory: Path) -> None:
     from unitrain.model import ModelConfig, build_model, save_pretrained
-    from unitrain.model.transformers_backend import BACKEND_KEY, build_empty
+    from unitrain.model.hf_backend.build import BACKEND_KEY, build_empty
 
     hf = json.loads((checkpoint / "model_config.json").read_text())
     if hf.get(BACKEND_KEY) == "transformers":  # the model's own class and save_pretrained

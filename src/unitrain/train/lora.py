@@ -24,7 +24,7 @@ from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.model.adapter import base_hash_of, load_adapter, save_adapter
 from unitrain.model.lora import apply_lora, keep_as_reference, reference_adapters
-from unitrain.train.reference import Reference, weights_hash
+from unitrain.train.step.reference import Reference, weights_hash
 
 SETTINGS = ("rank", "alpha", "dropout", "target_modules", "adapter")
 

@@ -39,7 +39,7 @@ def load_policy(
     config: TrainConfig, data: TrainingData, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     from unitrain.model import ModelConfig, build_model, from_pretrained
-    from unitrain.model.transformers_backend import build_hf_model, resolve_backend
+    from unitrain.model.hf_backend.build import build_hf_model, resolve_backend
 
     for checkpoint in (config.model.path, config.dpo.reference_model):
         if checkpoint is not None:

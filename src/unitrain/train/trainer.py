@@ -24,16 +24,17 @@ from unitrain.config import TrainConfig, config_to_yaml, resolve_hub_ids
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import lora, samples
+from unitrain.train import lora
 from unitrain.train.data import describe_rows, load_training_data, write_validation_record
 from unitrain.train.dist import DistContext, any_rank, barrier, init_distributed, shutdown, wrap_model
-from unitrain.train.memory import PhaseMemory
-from unitrain.train.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
-from unitrain.train.objectives import MixedObjectives
+from unitrain.train.evaluation import samples
+from unitrain.train.evaluation.validation import Validation
+from unitrain.train.logs.memory import PhaseMemory
+from unitrain.train.logs.metrics import MetricsWriter, Progress, preference_metrics, reduce_sums
+from unitrain.train.logs.wandb_logger import require_wandb
 from unitrain.train.optim import build_optimizer, learning_rate_at, set_learning_rate
 from unitrain.train.policy import PolicyLogprobs, load_policy
-from unitrain.train.validation import Validation
-from unitrain.train.wandb_logger import require_wandb
+from unitrain.train.step.objectives import MixedObjectives
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Trainer:
         self.reference = None
         if "dpo" in config.loss_weights:
             self.loss_config = config.preference_loss_config()
-            from unitrain.train.reference import run_reference
+            from unitrain.train.step.reference import run_reference
 
             self.reference = run_reference(self)
         self.policy = PolicyLogprobs(self.model, config.train.logprob_chunk_size)
@@ -208,7 +209,7 @@ class Trainer:
             with self.memory.phase("forward"):
                 loss_sum, _ = lm_loss_sum(module(batch).float())
             return loss_sum, None, sums
-        from unitrain.train.preference_step import preference_loss_sums
+        from unitrain.train.step.preference import preference_loss_sums
 
         # The reference first: its forward's buffers (a layer's intermediates, a chunk of logits) are freed before
         # the policy's forward keeps its activations for the backward, instead of adding to that peak.

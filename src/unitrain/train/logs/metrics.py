@@ -85,7 +85,7 @@ class MetricsWriter:
         if not enabled:
             return
         if wandb is not None and wandb.enabled:
-            from unitrain.train.wandb_logger import WandbLogger
+            from unitrain.train.logs.wandb_logger import WandbLogger
 
             self._wandb = WandbLogger(wandb, run_config or {}, Path(output_dir), resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 layouts.
 
 `HFCausalLM` wraps a `transformers` `*ForCausalLM` built with `attn_implementation="unitrain"`
-(`model/hf_attention.py`) and offers what unitrain's own decoder offers: `hidden_states(batch)` (the decoder's final
+(`model/hf_backend/attention.py`) and offers what unitrain's own decoder offers: `hidden_states(batch)` (the decoder's final
 hidden states of a PackedBatch, run once with the batch's layout current), `lm_head_weight`, the head's transform
 (`logit_softcap`, Gemma 2; a scale, Granite and Cohere, folded into the hidden states), `forward(input_ids)` (the
 model's own logits, for checks), `gradient_checkpointing`, `config.to_hf()`. Loading and saving are the model's own
@@ -30,8 +30,14 @@ from torch import nn
 
 from unitrain.data.batch import PackedBatch
 from unitrain.errors import UnitrainError
-from unitrain.model.hf_attention import PackedLayout, plain_layout, recompute_context, register, use_layout
-from unitrain.model.transformers_probe import probe
+from unitrain.model.hf_backend.attention import (
+    PackedLayout,
+    plain_layout,
+    recompute_context,
+    register,
+    use_layout,
+)
+from unitrain.model.hf_backend.probe import probe
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # configuration keys of layers that are not attention (state-space, linear attention, convolutions)

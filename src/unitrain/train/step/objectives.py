@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unitrain.data.batch import OBJECTIVE_CODES, SEGMENT_PROMPT, PackedBatch
-from unitrain.train.metrics import preference_metrics, reduce_sums
+from unitrain.train.logs.metrics import preference_metrics, reduce_sums
 
 PREFIX = {"pretrain": "lm", "sft": "sft", "dpo": "dpo"}
 
@@ -120,7 +120,7 @@ class MixedObjectives:
 
     def sum_keys(self, objectives) -> list[str]:
         """The metric sums of these objectives, in a fixed order (the same on every rank)."""
-        from unitrain.train.preference_step import PAIR_SUMS, RANKING_SUMS
+        from unitrain.train.step.preference import PAIR_SUMS, RANKING_SUMS
 
         keys = []
         for objective in objectives:
@@ -175,7 +175,7 @@ class MixedObjectives:
                 loss = loss + active[name] * total / max(counts[name], 1)
                 sums[f"{name}_loss"], sums[f"{name}_targets"] = total.detach(), int(mine.sum())
         if preference:
-            from unitrain.train.preference_step import preference_loss_sums
+            from unitrain.train.step.preference import preference_loss_sums
 
             chosen_per_pair = counts["chosen"] / max(counts["pairs"], 1)
             pair_loss, group_loss, preference_sums = preference_loss_sums(

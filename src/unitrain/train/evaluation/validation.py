@@ -12,7 +12,7 @@ import functools
 import torch
 from tqdm import tqdm
 
-from unitrain.train.metrics import preference_metrics, reduce_sums
+from unitrain.train.logs.metrics import preference_metrics, reduce_sums
 
 
 class Validation:
@@ -40,7 +40,7 @@ class Validation:
         keys = ("loss", "tokens", "slots", "targets")
         if self.trainer.config.objective == "dpo":
             from unitrain.losses.preference import GROUP_LOSSES
-            from unitrain.train.preference_step import PAIR_SUMS, RANKING_SUMS
+            from unitrain.train.step.preference import PAIR_SUMS, RANKING_SUMS
 
             keys += PAIR_SUMS + (RANKING_SUMS if self.trainer.data.groups else ())
             keys += ("group_loss",) if set(self.trainer.loss_config.losses) & set(GROUP_LOSSES) else ()

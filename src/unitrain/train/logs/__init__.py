@@ -1,0 +1,1 @@
+"""What a run records: metrics, Weights & Biases, peak memory per phase."""
