@@ -26,6 +26,28 @@ source scripts/setup.sh "plot,gguf"
 mkdir -p "$OUT"
 started=$SECONDS
 
+# The last lines of either demo: the held-out loss against ln 2, the accuracy with its number of pairs, and what a
+# good result looks like on that many pairs.
+report() {
+    python - "$1" "$2" <<'PY'
+import json, math, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if "eval/loss" in line]
+first, last = rows[0], rows[-1]
+pairs = [json.loads(line) for line in open(sys.argv[2])]
+n = len(pairs)
+wins = sum(
+    (p["chosen_logp"] - p["reference_chosen_logp"]) > (p["rejected_logp"] - p["reference_rejected_logp"])
+    for p in pairs
+)
+accuracy, spread = wins / max(n, 1), 1.96 * math.sqrt(0.25 / max(n, 1))
+print(f"held-out DPO loss {first['eval/loss']:.4f} at step 0 -> {last['eval/loss']:.4f} at step {last['step']} "
+      f"(ln 2 = {math.log(2):.4f}); preference accuracy {accuracy:.3f} on {n} held-out pairs")
+print(f"A good result: the held-out loss below ln 2 and the accuracy above 0.5. On {n} pairs the accuracy of a "
+      f"model that merely guesses lies within 0.5 +/- {spread:.2f} 95% of the time, so only an accuracy above "
+      f"{0.5 + spread:.2f} (or a loss well below ln 2) is more than noise; more steps or pairs narrow it.")
+PY
+}
+
 if [ "$TINY" = 1 ]; then
     echo "== prepare: HH-RLHF preference pairs → $OUT/hh-rlhf"
     unitrain prepare --input "$DATA/hh-rlhf/harmless-base-test.jsonl.gz" \
@@ -48,6 +70,7 @@ if [ "$TINY" = 1 ]; then
 
     echo "== done in $((SECONDS - started)) s: dataset $OUT/hh-rlhf, run $OUT/run (metrics.jsonl, curves.png, hf/)," \
         "scores $OUT/scores.jsonl"
+    report "$OUT/run/metrics.jsonl" "$OUT/scores.jsonl"
     exit 0
 fi
 
@@ -89,20 +112,4 @@ unitrain plot "$OUT/run" --scores "$OUT/scores.jsonl"
 
 echo "== done in $((SECONDS - started)) s: run $OUT/run (metrics.jsonl, samples.jsonl, curves.png, hf/)," \
     "scores $OUT/scores.jsonl, answers $OUT/answers.jsonl"
-python - "$OUT/run/metrics.jsonl" "$OUT/scores.jsonl" <<'PY'
-import json, math, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if "eval/loss" in line]
-first, last = rows[0], rows[-1]
-pairs = [json.loads(line) for line in open(sys.argv[2])]
-n = len(pairs)
-wins = sum(
-    (p["chosen_logp"] - p["reference_chosen_logp"]) > (p["rejected_logp"] - p["reference_rejected_logp"])
-    for p in pairs
-)
-accuracy, spread = wins / max(n, 1), 1.96 * math.sqrt(0.25 / max(n, 1))
-print(f"held-out DPO loss {first['eval/loss']:.4f} at step 0 -> {last['eval/loss']:.4f} at step {last['step']} "
-      f"(ln 2 = {math.log(2):.4f}); preference accuracy {accuracy:.3f} on {n} held-out pairs")
-print(f"A good result: the held-out loss below ln 2 and the accuracy above 0.5. On {n} pairs the accuracy of a "
-      f"model that merely guesses lies within 0.5 +/- {spread:.2f} 95% of the time, so only an accuracy above "
-      f"{0.5 + spread:.2f} (or a loss well below ln 2) is more than noise; more steps or pairs narrow it.")
-PY
+report "$OUT/run/metrics.jsonl" "$OUT/scores.jsonl"
