@@ -261,6 +261,12 @@ def current_rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def spread(values: tuple[float, float, float], digits: int) -> str:
+    """A (median, min, max) triple as `median (min-max)` for a markdown table."""
+    median, low, high = values
+    return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
+
+
 def median_spread(values: list[float]) -> tuple[float, float, float]:
     """(median, min, max)."""
     return statistics.median(values), min(values), max(values)

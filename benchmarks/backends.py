@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from _bench_common import median_spread, write_json
-from lora import expect_line, peak_memory_mib, prepare
+from _bench_common import median_spread, spread, write_json
+from lora import peak_memory_mib, prepare, run_repeat
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("native", "transformers")
@@ -113,37 +112,6 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
     )
 
 
-def run_repeat(workdir: Path, repeat: int, steps: int) -> dict[str, dict]:
-    """Start both configurations' processes, then let them take turns, one step each, the order flipping."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    processes, outputs = {}, {}
-    for variant in VARIANTS:
-        outputs[variant] = workdir / "results" / f"{variant}-{repeat}.json"
-        command = [
-            sys.executable,
-            "backends.py",
-            "--worker",
-            str(workdir / "spec.json"),
-            variant,
-            str(outputs[variant]),
-        ]
-        log = (workdir / "logs" / f"{variant}-{repeat}.log").open("w")
-        processes[variant] = subprocess.Popen(
-            command, cwd=HERE, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-        expect_line(processes[variant], variant)  # set up one at a time
-    for step in range(steps):
-        for variant in VARIANTS if (step + repeat) % 2 == 0 else VARIANTS[::-1]:
-            processes[variant].stdin.write("step\n")
-            processes[variant].stdin.flush()
-            expect_line(processes[variant], variant)
-    for variant, process in processes.items():
-        process.stdin.close()
-        if process.wait() != 0:
-            raise SystemExit(f"worker {variant}-{repeat} failed; see {workdir / 'logs'}")
-    return {variant: json.loads(path.read_text()) for variant, path in outputs.items()}
-
-
 def summarize(runs: dict[str, list[dict]], warmup: int) -> dict:
     pairs = {
         variant: [[s["pairs"] for s in run["steps"]] for run in results] for variant, results in runs.items()
@@ -182,10 +150,6 @@ def markdown(summary: dict, device: str) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
 
-    def spread(values, digits: int) -> str:
-        median, low, high = values
-        return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
-
     for variant in VARIANTS:
         row = summary[variant]
         lines.append(
@@ -219,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
-        for variant, result in run_repeat(workdir, repeat, args.warmup_steps + args.timed_steps).items():
+        for variant, result in run_repeat(workdir, repeat, args.warmup_steps + args.timed_steps, "backends.py", VARIANTS).items():
             runs[variant].append(result)
     summary = summarize(runs, args.warmup_steps)
     table = markdown(summary, args.device)

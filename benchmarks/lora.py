@@ -37,6 +37,7 @@ from _bench_common import (
     median_spread,
     save_random_llama,
     select_pairs,
+    spread,
     write_json,
 )
 
@@ -127,15 +128,18 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
     )
 
 
-def run_repeat(workdir: Path, repeat: int, steps: int) -> dict[str, dict]:
-    """Start both configurations' processes, then let them take turns, one step each, the order flipping."""
+def run_repeat(
+    workdir: Path, repeat: int, steps: int, script: str = "lora.py", variants: tuple[str, ...] = VARIANTS
+) -> dict[str, dict]:
+    """Start each configuration's process (`script --worker`), then let them take turns, one step each, the order
+    flipping every step."""
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     processes, outputs = {}, {}
-    for variant in VARIANTS:
+    for variant in variants:
         outputs[variant] = workdir / "results" / f"{variant}-{repeat}.json"
         command = [
             sys.executable,
-            "lora.py",
+            script,
             "--worker",
             str(workdir / "spec.json"),
             variant,
@@ -147,7 +151,7 @@ def run_repeat(workdir: Path, repeat: int, steps: int) -> dict[str, dict]:
         )
         expect_line(processes[variant], variant)  # set up one at a time
     for step in range(steps):
-        for variant in VARIANTS if (step + repeat) % 2 == 0 else VARIANTS[::-1]:
+        for variant in variants if (step + repeat) % 2 == 0 else variants[::-1]:
             processes[variant].stdin.write("step\n")
             processes[variant].stdin.flush()
             expect_line(processes[variant], variant)
@@ -245,10 +249,6 @@ def markdown(summary: dict, device: str) -> str:
         f"| run | trainable parameters | {memory}: whole run | of it, training steps | pairs/s |",
         "|---|---:|---:|---:|---:|",
     ]
-
-    def spread(values, digits: int) -> str:
-        median, low, high = values
-        return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
     for variant in VARIANTS:
         row = summary[variant]
