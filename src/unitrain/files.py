@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from unitrain.errors import UnitrainError
@@ -46,6 +48,22 @@ def replace_path(staging: Path, target: Path) -> None:
     elif target.exists() or target.is_symlink():
         target.unlink()
     os.replace(staging, target)
+
+
+@contextmanager
+def written_whole(output: Path) -> Iterator[Path]:
+    """A staging directory beside `output` to write into: moved to `output` (replacing it) when the block ends,
+    removed when the block raises, so `output` is either complete or what it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_path(staging, output)
+
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 

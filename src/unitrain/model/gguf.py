@@ -12,8 +12,6 @@ error stays in the weights.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -47,7 +45,7 @@ def import_gguf(path: str | Path, output: str | Path) -> Path:
     template) from the GGUF at `path`; built beside `output` and moved into place whole."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from unitrain.files import replace_path
+    from unitrain.files import written_whole
 
     path, output = Path(path), Path(output)
     if not path.is_file():
@@ -62,15 +60,8 @@ def import_gguf(path: str | Path, output: str | Path) -> Path:
         raise UnitrainError(
             f"{path}: GGUF architecture {architecture!r} is not one unitrain trains ({', '.join(sorted(TRAINABLE))})"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with written_whole(output) as staging:
         _write_checkpoint(path, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_path(staging, output)
     return output
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unitrain.errors import UnitrainError
-from unitrain.files import follow_umask, replace_path
+from unitrain.files import follow_umask, written_whole
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -205,10 +205,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
     lora = meta.get("lora")
     if merge and not lora:
         raise UnitrainError(f"{checkpoint}: holds full weights, not LoRA adapters; export it without --merge")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with written_whole(output) as staging:
         if lora:
             from unitrain.train.lora import export_checkpoint
 
@@ -218,10 +215,6 @@ def export_hf(checkpoint: str | Path, output: str | Path, merge: bool = False) -
         write_tokenizer_files(meta.get("tokenizer_path"), meta.get("eos_id"), staging)
         if merge or not lora:  # full weights: the starting checkpoint's generation defaults
             keep_generation_config(meta.get("model_path"), staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_path(staging, output)
     return output
 
 
