@@ -36,6 +36,10 @@ HF_CONFIG_KEYS = frozenset({
 })  # fmt: skip
 
 
+# The config.json fields the native decoder cannot do without.
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 @dataclass
 class ModelConfig:
     """Decoder hyper-parameters. Invalid or contradictory values raise `UnitrainError` at construction."""
@@ -133,17 +137,7 @@ class ModelConfig:
                 f"{source}: architecture {architecture!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        missing = [
-            key
-            for key in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-            )
-            if key not in hf
-        ]
+        missing = [key for key in REQUIRED_HF_FIELDS if key not in hf]
         if missing:
             raise UnitrainError(f"{source}: missing field(s) {', '.join(missing)}")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})

@@ -88,7 +88,7 @@ class HFConfig:
 def resolve_backend(hf: dict[str, Any], backend: str, source: str) -> str:
     """`native` or `transformers` for a config.json dict: `auto` picks native for the architectures unitrain's
     decoder implements (when it implements every feature the config asks for), transformers for every other."""
-    from unitrain.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+    from unitrain.model.config import REQUIRED_HF_FIELDS, SUPPORTED_ARCHITECTURES, ModelConfig
 
     if hf.get(BACKEND_KEY) == "transformers" and backend == "auto":
         return "transformers"
@@ -106,10 +106,12 @@ def resolve_backend(hf: dict[str, Any], backend: str, source: str) -> str:
         return "transformers"
     if backend == "native":
         return backend
+    if any(key not in hf for key in REQUIRED_HF_FIELDS):
+        return "native"  # an incomplete config gets the native decoder's error naming the missing fields
     try:  # a native architecture with a feature the native decoder lacks (yarn RoPE, per-layer windows, ...)
         ModelConfig.from_hf(hf, source)
-    except UnitrainError as error:  # but a config lacking a required field keeps the native decoder's error
-        return "native" if "missing field" in str(error) else "transformers"
+    except UnitrainError:
+        return "transformers"
     return "native"
 
 
