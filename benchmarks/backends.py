@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
-        for variant, result in run_repeat(workdir, repeat, args.warmup_steps + args.timed_steps, "backends.py", VARIANTS).items():
+        for variant, result in run_repeat(
+            workdir, repeat, args.warmup_steps + args.timed_steps, "backends.py", VARIANTS
+        ).items():
             runs[variant].append(result)
     summary = summarize(runs, args.warmup_steps)
     table = markdown(summary, args.device)

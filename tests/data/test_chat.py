@@ -85,7 +85,10 @@ def test_plain_prompts_and_hh_prompts_become_turns(run_prepare, gpt2, template_f
 
 
 def test_hh_text_becomes_a_conversation_trained_on_assistant_turns(run_prepare, gpt2, template_file):
-    rows = [{"text": "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: 2+2?\n\nAssistant: 4"}, {"text": "no turns"}]
+    rows = [
+        {"text": "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: 2+2?\n\nAssistant: 4"},
+        {"text": "no turns"},
+    ]
     output, report = run_prepare(rows, chat_template=str(template_file), chat=True, mode="text")
     dataset = GPTMemmapDataset(output)
     assert dataset.kind == "sft" and report["dropped"] == {"no_assistant_turn": 1}
@@ -107,7 +110,9 @@ def test_plain_rows_with_a_chat_template_are_warned_about_once(
     common = ["prepare", "--input", str(source), "--tokenizer", str(gpt2_tokenizer_path), "--no-progress"]
     assert main([*common, "--chat-template", str(template_file), "--output", str(tmp_path / "a")]) == 0
     assert capsys.readouterr().err.count("has a chat template but the rows are plain text") == 1
-    assert main([*common, "--chat-template", str(template_file), "--chat", "--output", str(tmp_path / "b")]) == 0
+    assert (
+        main([*common, "--chat-template", str(template_file), "--chat", "--output", str(tmp_path / "b")]) == 0
+    )
     assert "plain text" not in capsys.readouterr().err
     assert main([*common, "--output", str(tmp_path / "c")]) == 0  # no template: nothing to say
     assert "plain text" not in capsys.readouterr().err
@@ -118,5 +123,7 @@ def test_chat_refuses_rows_it_cannot_convert(run_prepare, template_file):
     from unitrain.errors import UnitrainError
 
     rows = [{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}]
-    with pytest.raises(UnitrainError, match="--chat turns text and preference rows into messages, not groups"):
+    with pytest.raises(
+        UnitrainError, match="--chat turns text and preference rows into messages, not groups"
+    ):
         run_prepare(rows, chat_template=str(template_file), chat=True)

@@ -157,7 +157,9 @@ def test_what_cannot_be_trained_exactly_is_refused_in_one_line():
     yarn = dict(model_type="qwen2", **_small(), rope_scaling={"rope_type": "yarn", "factor": 4.0})
     assert resolve_backend(yarn, "auto", "x") == "transformers"  # a feature the native decoder lacks
     incomplete = {key: value for key, value in _small().items() if key != "hidden_size"}
-    assert resolve_backend(dict(model_type="llama", **incomplete), "auto", "x") == "native"  # its error names the field
+    assert (
+        resolve_backend(dict(model_type="llama", **incomplete), "auto", "x") == "native"
+    )  # its error names the field
 
 
 def test_the_probe_catches_a_layer_that_mixes_the_row(monkeypatch):

@@ -213,7 +213,9 @@ def adapter_base(directory: str | Path, base: str | Path | None = None) -> Path:
     from unitrain.files import resolve_model
 
     base = base or read_adapter_config(directory).get("base_model_name_or_path")
-    base = resolve_model(base, f"{Path(directory) / ADAPTER_CONFIG}: base_model_name_or_path") if base else base
+    base = (
+        resolve_model(base, f"{Path(directory) / ADAPTER_CONFIG}: base_model_name_or_path") if base else base
+    )
     if not base or not (Path(base) / "config.json").is_file():
         raise UnitrainError(
             f"{Path(directory) / ADAPTER_CONFIG}: its base model {base!r} is not a checkpoint directory here "

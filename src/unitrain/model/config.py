@@ -37,7 +37,13 @@ HF_CONFIG_KEYS = frozenset({
 
 
 # The config.json fields the native decoder cannot do without.
-REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+REQUIRED_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 @dataclass
