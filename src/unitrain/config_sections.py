@@ -263,7 +263,12 @@ class TrainSection(Section):
     max_nonfinite_steps: int = Field(
         5, gt=0, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
-    logprob_chunk_size: int = Field(1024, gt=0, description="Targets per chunk of the LM-head log-prob pass.")
+    logprob_chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="Targets per chunk of the LM-head log-prob pass; null: as many as keep a chunk's fp32 logits "
+        "near 64 MiB (2^24 / vocabulary size, between 64 and 1024: 341 for a 49k vocabulary).",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Keep only each decoder layer's input and recompute the layer in the backward: far less "

@@ -4,6 +4,7 @@ not from the process's RSS, so the numbers are exact and the same on a busy mach
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -125,3 +126,27 @@ def test_a_run_without_validation_reports_no_validation_phase(preference_data, t
     train(config)
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "memory/backward_rss_mib" in last and "memory/validation_rss_mib" not in last
+
+
+def test_the_lm_head_chunk_keeps_about_64_mib_of_logits_whatever_the_vocabulary():
+    """By default a chunk of the log-prob pass holds about 2^24 fp32 logits: with a 49k vocabulary (SmolLM2's)
+    341 targets (67 MB), not the 1024 that cost 201 MB; small vocabularies keep 1024. One chunk's logits at a time: the
+    next chunk's product is not made while the last one's is still held."""
+    from unitrain.losses.logprobs import auto_chunk_size, target_logprobs
+
+    assert [auto_chunk_size(v) for v in (256, 16384, 49152, 128256, 1 << 20)] == [1024, 1024, 341, 130, 64]
+    generator = torch.Generator().manual_seed(0)
+    vocab, width, targets = 49152, 16, 2048
+    hidden = torch.randn(1, targets, width, generator=generator)
+    weight = torch.randn(vocab, width, generator=generator) * 0.1
+    positions, tokens = torch.arange(targets), torch.randint(0, vocab, (targets,), generator=generator)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+
+    def forward_backward(chunk):
+        target_logprobs(hidden, weight, positions, tokens, chunk_size=chunk).logps.sum().backward()
+
+    peak = {chunk: peak_live_bytes(functools.partial(forward_backward, chunk)) for chunk in (None, 1024)}
+    logits = 4 * vocab  # bytes of one target's fp32 logits
+    gradients = 2 * weight.numel() * 4  # the fp32 head gradient, accumulated and returned
+    assert peak[None] < 1.1 * 341 * logits + gradients < 1024 * logits <= peak[1024], peak

@@ -48,6 +48,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             peak = logits.amax(dim=0)  # (C,)
             log_norms[begin:end] = logits.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
             logps[begin:end] = target_logits - log_norms[begin:end]
+            del logits  # before the next chunk's product is made: one (V, C) buffer at a time, not two
         ctx.save_for_backward(hidden, weight, targets, log_norms)
         ctx.chunk_size, ctx.compute_dtype, ctx.softcap = chunk_size, compute_dtype, softcap
         if correct is not None:
@@ -82,9 +83,19 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
                 grad_hidden[begin:end] = (grad_logits.T.to(ctx.compute_dtype) @ weight_c).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_logits, hidden_c.float())  # (V, D)
+            del logits, grad_logits  # one (V, C) buffer at a time
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits of one chunk: 64 MiB
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Targets per chunk that keep a chunk's fp32 logits near 64 MiB: 341 for a 49k vocabulary, 130 for 128k, and
+    1024 (enough to keep the matmul efficient) for any vocabulary below 16k."""
+    return max(64, min(1024, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
 def target_logprobs(
@@ -92,7 +103,7 @@ def target_logprobs(
     lm_head_weight: torch.Tensor,
     positions: torch.Tensor,
     targets: torch.Tensor,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     with_argmax: bool = False,
     softcap: float | None = None,
 ) -> TargetLogprobs:
@@ -102,7 +113,9 @@ def target_logprobs(
     whose hidden state predicts each target; targets (N,) token ids. Returns `TargetLogprobs` with logps (N,)
     fp32 and, when `with_argmax`, correct (N,) bool. Differentiable with respect to hidden and the weight.
     `softcap` caps the logits as `softcap * tanh(logits / softcap)` before the softmax (Gemma 2's final soft-capping).
+    `chunk_size` None: `auto_chunk_size` of the head's vocabulary.
     """
+    chunk_size = auto_chunk_size(lm_head_weight.shape[0]) if chunk_size is None else chunk_size
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     width = hidden.shape[-1]

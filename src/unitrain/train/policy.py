@@ -16,7 +16,7 @@ from unitrain.train.data import TrainingData
 class PolicyLogprobs(torch.nn.Module):
     """Transformer + chunked target log-probs as one module, so DDP/FSDP wrap the call that makes the graph."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int):
+    def __init__(self, model: torch.nn.Module, chunk_size: int | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
