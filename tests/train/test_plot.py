@@ -42,7 +42,9 @@ def lines_of(axis) -> dict[str, object]:
 def test_plot_labels_titles_and_chance_lines(dpo_run, monkeypatch):
     figure = figure_of(dpo_run, monkeypatch)
     axes = {axis.get_title(): axis for axis in figure.axes}
-    assert set(axes) == {"loss", "reward accuracy", "reward margin", "rewards"}
+    assert set(axes) == {"loss", "reward accuracy", "reward margin", "rewards", "reward margins"}
+    histogram = axes.pop("reward margins")  # of the last validation's pairs
+    assert histogram.get_xlabel().endswith("validation at step 6")
     assert all(axis.get_ylabel() and axis.get_xlabel() == "step" for axis in axes.values())
     title = figure.texts[0].get_text()
     assert "my-run" in title and "dpo" in title and "sigmoid" in title
@@ -87,7 +89,7 @@ def test_a_group_run_plots_and_reports_ranking_and_top1_accuracy(group_data, tmp
     raw = tiny_raw("dpo", group_data, tmp_path / "groups", dpo=dpo, train={"max_steps": 2})
     (tmp_path / "run.yaml").write_text(config_to_yaml(parse_config(raw)))
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
-    summary = capsys.readouterr().out.splitlines()[-1]
+    (summary,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation (")]
     assert summary.startswith("validation (all 6 held-out groups): loss ")
     final = [row for row in read_metrics(tmp_path / "groups" / "metrics.jsonl") if "eval/loss" in row][-1]
     ranking, top1 = final["eval/rewards/ranking_accuracy"], final["eval/rewards/top1_accuracy"]

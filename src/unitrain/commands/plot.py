@@ -1,8 +1,8 @@
 """`unitrain plot RUN_DIR [--output PNG]`: training curves from `metrics.jsonl` as one PNG.
 
 Panels: loss (train and validation), and for DPO reward accuracy, margins, and chosen/rejected rewards, and for
-preference groups ranking and top-1 accuracy; with `--scores` the histogram of a score's per-pair reward
-margins. Colour says what a line measures (chosen green, rejected red),
+preference groups ranking and top-1 accuracy; the histogram of the per-pair reward margins of the run's last
+validation (`validation_pairs.jsonl`), or with `--scores` of a score's pairs. Colour says what a line measures (chosen green, rejected red),
 style says where (train: a line; validation: dashed with markers, from the step-0 evaluation on); dotted grey lines mark chance (accuracy 0.5, and ln 2 for the sigmoid
 DPO loss, its value while the policy equals the reference). The title names the run and its objective, read
 from the config saved with its latest checkpoint. A mixed run adds a line per objective (`lm/loss`, `sft/loss`,
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="PNG path (default: RUN_DIR/curves.png)")
     parser.add_argument(
         "--scores",
-        help="a `unitrain score --reference` output: adds the histogram of its pairs' reward margins",
+        help="a `unitrain score --reference` output: its pairs' reward margins are the histogram drawn (default: "
+        "the run's last validation)",
     )
 
 
@@ -127,16 +128,26 @@ def _score_margins(path: Path) -> list[float]:
     return margins
 
 
+def _validation_margins(run_dir: Path) -> tuple[list[float], str] | None:
+    """The reward margins of the run's last DPO validation and what they are, or None when it logged none."""
+    from unitrain.train.logs.metrics import PAIRS_FILE, read_metrics
+
+    rows = [row for row in read_metrics(run_dir / PAIRS_FILE) if row["margins"]]
+    if not rows:
+        return None
+    return rows[-1]["margins"], f"validation at step {rows[-1]['step']}"
+
+
 def _margin_histogram(axis, margins: list[float], source: str) -> None:
     import numpy as np
 
-    from unitrain.inference.report import margin_histogram
+    from unitrain.train.logs.report import margin_histogram
 
     counts, edges = margin_histogram(np.array(margins))
     axis.stairs(counts, edges, fill=True, color="tab:purple", alpha=0.6, label=f"{len(margins)} pairs")
     axis.axvline(0.0, color="grey", linestyle=":", label="0 (no preference)")
     axis.set_title("reward margins")
-    axis.set_xlabel(f"chosen − rejected reward (β = 1), {Path(source).name}")
+    axis.set_xlabel(f"chosen − rejected reward (β = 1), {source}")
     axis.set_ylabel("pairs")
     axis.legend(fontsize=7)
 
@@ -157,11 +168,15 @@ def run(args: argparse.Namespace) -> int:
         raise UnitrainError("plot needs matplotlib: pip install 'unitrain[plot]'") from None
     config = _run_config(run_dir)
     panels = [panel for panel in PANELS if any(panel[2][0] in row for row in rows)]
-    margins = _score_margins(Path(args.scores)) if args.scores else None
+    margins = (
+        (_score_margins(Path(args.scores)), Path(args.scores).name)
+        if args.scores
+        else _validation_margins(run_dir)
+    )
     count = len(panels) + (margins is not None)
     figure, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.8), squeeze=False)
     if margins is not None:
-        _margin_histogram(axes[0][-1], margins, args.scores)
+        _margin_histogram(axes[0][-1], *margins)
     for axis, (title, ylabel, names) in zip(axes[0], panels):
         for name in names:
             for where, key in lines(rows, name):

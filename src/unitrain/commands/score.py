@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     groups = len(scored["policy"])
     print(_summary(args, groups, skipped, totals, dataset.is_groups, time.perf_counter() - started))
     if pairs:
-        from unitrain.inference.report import preference_report
+        from unitrain.train.logs.report import preference_report
 
         margins, lengths, gains = np.array(pairs).T  # (P,) each
         print(

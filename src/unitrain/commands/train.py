@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         summary = _validation_summary(result.last_metrics)
         if summary:
             print(f"validation ({_evaluated(result, config.objective)}): {summary}")
+        if result.report:  # DPO: margins, accuracy by length, chosen win rate of the same pairs
+            print("\n".join(result.report))
     return 0
 
 

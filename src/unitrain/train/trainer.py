@@ -15,7 +15,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class TrainResult:
     last_metrics: dict[str, float]
     held_out: int = 0  # validation documents (or pairs), every one of them evaluated
     memory: str = ""  # peak memory per phase, one line
+    report: list[str] = field(default_factory=list)  # the final DPO validation's per-pair report
 
 
 # token ids written to config.json, not architecture: a run saved before they were filled in still resumes
@@ -74,8 +75,8 @@ class Trainer:
             require_wandb()
         self.resume_from = latest if resume else None
         self.data = load_training_data(config, context)
-        self._report_packing()
-        if context.is_main:  # what `unitrain score --held-out` reads
+        if context.is_main:  # the rows a run packs; the held-out record `unitrain score --held-out` reads
+            print("\n".join(describe_rows(self.data)))
             write_validation_record(self.output_dir, self.data, config)
         base_dtype = lora.base_dtype(config, context.device)  # fp32 unless a frozen LoRA base is kept in bf16
         self.model = load_policy(config, self.data, base_dtype).to(context.device)
@@ -106,10 +107,6 @@ class Trainer:
         )
         self._signal: str | None = None  # set by the handler on this rank
         self._stopping = False  # agreed by all ranks in the step's reduction: they all save and stop together
-
-    def _report_packing(self) -> None:
-        if self.context.is_main:
-            print("\n".join(describe_rows(self.data)))
 
     def _export_model(self, model: torch.nn.Module, directory: Path) -> None:
         from unitrain.model import save_pretrained
@@ -194,11 +191,12 @@ class Trainer:
         return contextlib.nullcontext() if sync else self.wrapped.no_sync()
 
     def batch_loss(
-        self, module, batch: PackedBatch, chosen_per_pair: float | None, position: int | None = None
+        self, module, batch: PackedBatch, chosen_per_pair, position=None, reference=None, table=None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Loss summed over this micro-batch's targets (LM/SFT) or pairs (DPO), the listwise loss summed over its
         groups (None without one), and metric sums. `batch` is still on the CPU: its counts are read there,
-        without waiting for the device."""
+        without waiting for the device. Validation passes a `reference` that remembers its batches' log-probs
+        and a `table` list; `chosen_per_pair` and `table`: see `preference_loss_sums`."""
         if self.config.mixed:
             return self.mixed.batch_loss(module, batch, position)
         sums = {"tokens": batch.num_tokens, "slots": batch.input_ids.numel(), "targets": batch.num_targets}
@@ -214,11 +212,11 @@ class Trainer:
         # The reference first: its forward's buffers (a layer's intermediates, a chunk of logits) are freed before
         # the policy's forward keeps its activations for the backward, instead of adding to that peak.
         with self.memory.phase("reference"):
-            reference = self.reference.response_logps(batch, position)  # (Rb,), or None when reference-free
+            reference = (reference or self.reference).response_logps(batch, position)  # (Rb,) or None
         with self.memory.phase("forward"):
             logps = module(batch)  # (N,)
             loss_sum, group_loss, preference_sums = preference_loss_sums(
-                logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups
+                logps.float(), batch, reference, self.loss_config, chosen_per_pair, self.data.groups, table
             )
         return loss_sum, group_loss, {**sums, **preference_sums}
 
@@ -370,7 +368,7 @@ class Trainer:
         stopped_by = (self._signal or "SIGTERM on another rank") if self.stop_requested else None
         return TrainResult(
             self.step, self.skipped, stopped_by, self.output_dir, last_metrics, self.data.held_out,
-            self.memory.describe(),
+            self.memory.describe(), self.validation.report,
         )  # fmt: skip
 
     def _final_evaluation(self, writer: MetricsWriter, finished: bool) -> dict[str, float]:

@@ -3,16 +3,39 @@
 The validation set never changes during a run, so what normalizes its loss (the chosen-response tokens per pair
 of the `sft` term, the groups of a listwise loss) is counted once from the batch metadata and kept. Trade-off:
 that first pass collates the validation set once more than the evaluations themselves need.
+
+Neither does the reference: its log-probs of the held-out responses are computed at the first validation and
+remembered (one float per response), so later validations run the policy alone, half the forward passes with an
+online reference. Each DPO validation also keeps a per-pair table (reward margin, longer response's tokens, the
+chosen response's gain over the reference): the chosen win rate is logged, the table of every validation goes to
+`validation_pairs.jsonl` (what `unitrain plot` draws the margin histogram of), and the final one's report (margin
+quantiles and histogram, accuracy by length, win rate) is printed at the end of the run, as `score` prints it.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from unitrain.train.logs.metrics import preference_metrics, reduce_sums
+
+
+class RememberedReference:
+    """The run's reference, asked once per validation batch: its log-probs (Rb,) are kept, keyed by the dataset
+    position and the batch's group indices (the same batch at every validation)."""
+
+    def __init__(self, reference) -> None:
+        self.reference = reference
+        self.known: dict[tuple[int | None, bytes], torch.Tensor | None] = {}
+
+    def response_logps(self, batch, position: int | None = None) -> torch.Tensor | None:
+        key = (position, batch.group_index.cpu().numpy().tobytes())
+        if key not in self.known:
+            self.known[key] = self.reference.response_logps(batch, position)
+        return self.known[key]
 
 
 class Validation:
@@ -20,6 +43,12 @@ class Validation:
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
+        self.pairs = np.zeros((0, 3))  # the last validation's `pair_table` rows, every rank's
+        self.report: list[str] = []  # and their `preference_report` lines
+
+    @functools.cached_property
+    def reference(self) -> RememberedReference | None:
+        return RememberedReference(self.trainer.reference) if self.trainer.reference is not None else None
 
     @functools.cached_property
     def plan(self) -> tuple[int, float, int]:
@@ -66,12 +95,15 @@ class Validation:
             data.validation_batches(), desc="validation", total=num_batches, unit="batch", leave=False,
             disable=not shown,
         )  # fmt: skip
+        table: list[torch.Tensor] | None = [] if config.objective == "dpo" else None
         for index, (position, batch) in enumerate(batches):
             if shard and index % context.world_size != context.rank:
                 continue
             # no graph: one micro-batch's forward buffers at a time, nothing kept across batches
             with torch.no_grad(), trainer.autocast:
-                loss_sum, _, sums = trainer.batch_loss(module, batch, chosen_per_pair, position)
+                loss_sum, _, sums = trainer.batch_loss(
+                    module, batch, chosen_per_pair, position, self.reference, table
+                )
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals[key] + value
             del loss_sum, sums, batch
@@ -82,4 +114,32 @@ class Validation:
         counts = {"eval/pairs": reduced["pairs"]}  # every held-out pair or group: rows fit every response
         if data.groups:
             counts["eval/groups"] = groups
-        return {"eval/loss": loss, **preference_metrics(reduced, "eval/"), **counts}
+        return {
+            "eval/loss": loss,
+            **preference_metrics(reduced, "eval/"),
+            **counts,
+            **self._pairs(table, shard),
+        }
+
+    def _pairs(self, table: list[torch.Tensor], shard: bool) -> dict[str, float]:
+        """Keep this validation's per-pair table (every rank's), log it, and return the chosen win rate."""
+        from unitrain.train.logs.report import preference_report
+
+        trainer = self.trainer
+        rows = torch.cat(table).numpy() if table else np.zeros((0, 3))  # (P, 3)
+        if shard and trainer.context.is_distributed:
+            import torch.distributed as dist
+
+            gathered: list = [None] * trainer.context.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = np.concatenate(gathered)
+        self.pairs = rows
+        margins, lengths, gains = rows.T
+        reference_free = trainer.reference is None or trainer.reference.kind == "none"
+        self.report = preference_report(margins, lengths.astype(np.int64), None if reference_free else gains)
+        writer = getattr(trainer, "writer", None)  # the run's MetricsWriter, made when training starts
+        if writer is not None:
+            writer.log_pairs(trainer.step, rows)
+        if reference_free or not len(rows):
+            return {}
+        return {"eval/rewards/chosen_win_rate": float((gains > 0).mean())}

@@ -55,6 +55,9 @@ def ranking_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, flo
 
 
 SAMPLES_FILE = "samples.jsonl"  # completions of eval.samples, one row per prompt and validation
+PAIRS_FILE = (
+    "validation_pairs.jsonl"  # per held-out pair numbers of each DPO validation, one row per validation
+)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -80,6 +83,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.samples_path = Path(output_dir) / SAMPLES_FILE
+        self.pairs_path = Path(output_dir) / PAIRS_FILE
         self._tensorboard = None
         self._wandb = None
         if not enabled:
@@ -89,11 +93,13 @@ class MetricsWriter:
 
             self._wandb = WandbLogger(wandb, run_config or {}, Path(output_dir), resume_step is not None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
+        if resume_step is None:  # a new run: no line of an earlier one in this directory
             self.path.write_text("")
-        else:
-            # Lines past the checkpoint came from the interrupted run; the resumed run writes them again.
-            for path in (self.path, self.samples_path):
+            self.samples_path.unlink(missing_ok=True)
+            self.pairs_path.unlink(missing_ok=True)
+        # Lines past the checkpoint came from the interrupted run; the resumed run writes them again.
+        for path in (self.path, self.samples_path, self.pairs_path):
+            if resume_step is not None and path.exists():
                 kept = [row for row in read_metrics(path) if row["step"] <= resume_step]
                 path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
         if tensorboard:
@@ -132,6 +138,21 @@ class MetricsWriter:
             self._tensorboard.add_text("samples", samples_markdown(rows), step)
         if self._wandb is not None:
             self._wandb.log_table(step, "samples", ["index", "prompt", "completion"], rows)
+
+    def log_pairs(self, step: int, rows) -> None:
+        """A DPO validation's per-pair table ((P, 3) array: reward margin in nats, longer response's tokens, chosen
+        response's gain over the reference), appended to validation_pairs.jsonl as three lists."""
+        if not self.enabled:
+            return
+        margins, lengths, gains = (column.tolist() for column in rows.T)
+        row = {
+            "step": step,
+            "margins": margins,
+            "longer_tokens": [int(n) for n in lengths],
+            "chosen_gains": gains,
+        }
+        with open(self.pairs_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
     def summarize(self, values: dict[str, float]) -> None:
         """The run's final numbers, where a dashboard shows them (W&B's summary); metrics.jsonl has them already."""

@@ -26,6 +26,19 @@ PAIR_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chose
 RANKING_SUMS = ("groups", "ordered_pairs", "ordered_correct", "top1_correct")
 
 
+def pair_table(
+    policy: torch.Tensor, reference: torch.Tensor | None, counts: torch.Tensor, pairs: torch.Tensor
+) -> torch.Tensor:
+    """(P, 3) float64 on the CPU, one row per pair: the reward margin in nats (β = 1: the chosen response's
+    log-prob gain over the reference minus the rejected one's), the longer response's tokens, and the chosen
+    response's gain alone (> 0: the policy makes it more likely than the reference does). What `score` reports
+    per pair, from the numbers validation computes anyway."""
+    gains = policy.detach().double() - (0.0 if reference is None else reference.detach().double())  # (Rb,)
+    gains, lengths = pair_view(gains, pairs), pair_view(counts, pairs)  # (P, 2) each
+    margins = gains[:, 0] - gains[:, 1]
+    return torch.stack([margins, lengths.max(dim=1).values.double(), gains[:, 0]], dim=1).cpu()
+
+
 def preference_loss_sums(
     logps: torch.Tensor,
     batch: PackedBatch,
@@ -33,13 +46,17 @@ def preference_loss_sums(
     config: PreferenceLossConfig,
     chosen_per_pair: float | None,
     ranking: bool,
+    table: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(sum of per-pair losses, sum of per-group listwise losses or None, metric sums: with a listwise loss,
     its detached sum as `group_loss`).
 
-    logps (N,) the policy's target log-probs; reference (Rb,) the reference's response log-probs or None."""
+    logps (N,) the policy's target log-probs; reference (Rb,) the reference's response log-probs or None.
+    `table`, when given (validation), gets this batch's `pair_table` appended."""
     policy, counts = response_logps(logps, batch.target_response, batch.num_responses)  # (Rb,) each
     pairs = batch.pair_responses  # (P, 2)
+    if table is not None:
+        table.append(pair_table(policy, reference, counts, pairs))
     output = preference_losses(
         pair_view(policy, pairs),
         None if reference is None else pair_view(reference, pairs),
