@@ -136,3 +136,27 @@ def test_a_new_run_starts_without_an_old_runs_pairs(preference_data, tmp_path, t
     )
     train(tiny_config("dpo", preference_data, run, train={"max_steps": 2}))
     assert [row["step"] for row in read_metrics(run / PAIRS_FILE)] == [0, 2]
+
+
+def test_a_list_of_losses_logs_each_term(preference_data, tmp_path, tiny_config):
+    """`dpo.loss: [sigmoid, sft]` logs `losses/sigmoid` and `losses/sft` (each unweighted, per pair): their
+    weighted sum is the loss, and at validation the sigmoid term is the mean of softplus(−β · margin) over the
+    pairs of validation_pairs.jsonl."""
+    import math
+
+    from unitrain.train import train
+
+    dpo = {"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.5}
+    result = train(tiny_config("dpo", preference_data, tmp_path, dpo=dpo, train={"max_steps": 3}))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    trained = [row for row in rows if "losses/sigmoid" in row]
+    assert len(trained) == 3
+    for row in trained:
+        assert row["loss"] == pytest.approx(row["losses/sigmoid"] + 0.5 * row["losses/sft"], rel=1e-5)
+    last = read_metrics(tmp_path / PAIRS_FILE)[-1]
+    sigmoid = np.mean([math.log1p(math.exp(-0.5 * margin)) for margin in last["margins"]])
+    assert abs(np.mean(last["margins"])) > 1e-3
+    assert result.last_metrics["eval/losses/sigmoid"] == pytest.approx(sigmoid, rel=1e-5)
+    assert result.last_metrics["eval/loss"] == pytest.approx(
+        sigmoid + 0.5 * result.last_metrics["eval/losses/sft"], rel=1e-5
+    )

@@ -212,6 +212,8 @@ def preference_losses(
         "logps/chosen": policy[:, 0].detach(),
         "logps/rejected": policy[:, 1].detach(),
     }
+    if len(components) > 1:  # a list of losses: each term alone, unweighted (e.g. the DPO term beside `sft`)
+        metrics.update({f"losses/{name}": value.detach() for name, value in components.items()})
     return PreferenceOutput(losses, chosen_rewards, rejected_rewards, metrics)
 
 

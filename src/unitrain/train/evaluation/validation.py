@@ -69,9 +69,11 @@ class Validation:
         keys = ("loss", "tokens", "slots", "targets")
         if self.trainer.config.objective == "dpo":
             from unitrain.losses.preference import GROUP_LOSSES
-            from unitrain.train.step.preference import PAIR_SUMS, RANKING_SUMS
+            from unitrain.train.step.preference import RANKING_SUMS, pair_sum_keys
 
-            keys += PAIR_SUMS + (RANKING_SUMS if self.trainer.data.groups else ())
+            keys += pair_sum_keys(self.trainer.loss_config) + (
+                RANKING_SUMS if self.trainer.data.groups else ()
+            )
             keys += ("group_loss",) if set(self.trainer.loss_config.losses) & set(GROUP_LOSSES) else ()
         return keys
 

@@ -38,6 +38,7 @@ def preference_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, 
         f"{prefix}rewards/margins": chosen - rejected,
         f"{prefix}logps/chosen": totals["chosen_logps"] / pairs,
         f"{prefix}logps/rejected": totals["rejected_logps"] / pairs,
+        **{f"{prefix}{key}": value / pairs for key, value in totals.items() if key.startswith("losses/")},
         **ranking_metrics(totals, prefix),
     }
 

@@ -120,14 +120,14 @@ class MixedObjectives:
 
     def sum_keys(self, objectives) -> list[str]:
         """The metric sums of these objectives, in a fixed order (the same on every rank)."""
-        from unitrain.train.step.preference import PAIR_SUMS, RANKING_SUMS
+        from unitrain.train.step.preference import RANKING_SUMS, pair_sum_keys
 
         keys = []
         for objective in objectives:
             if objective != "dpo":
                 keys += [f"{objective}_loss", f"{objective}_targets"]
                 continue
-            keys += ["dpo_loss", *PAIR_SUMS, "dpo_targets"]
+            keys += ["dpo_loss", *pair_sum_keys(self.trainer.loss_config), "dpo_targets"]
             keys += list(RANKING_SUMS) if self.trainer.data.groups else []
             keys += ["group_loss"] if self.listwise else []
         return keys

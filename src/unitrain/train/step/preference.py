@@ -26,6 +26,13 @@ PAIR_SUMS = ("pairs", "chosen_rewards", "rejected_rewards", "accuracies", "chose
 RANKING_SUMS = ("groups", "ordered_pairs", "ordered_correct", "top1_correct")
 
 
+def pair_sum_keys(config: PreferenceLossConfig) -> tuple[str, ...]:
+    """The per-pair sums of a batch under this loss config: PAIR_SUMS, and with a list of pair losses each term's
+    (`losses/<name>`)."""
+    terms = [name for name in config.losses if name not in GROUP_LOSSES]
+    return PAIR_SUMS + (tuple(f"losses/{name}" for name in terms) if len(terms) > 1 else ())
+
+
 def pair_table(
     policy: torch.Tensor, reference: torch.Tensor | None, counts: torch.Tensor, pairs: torch.Tensor
 ) -> torch.Tensor:
@@ -71,6 +78,7 @@ def preference_loss_sums(
         "accuracies": (output.chosen_rewards > output.rejected_rewards).sum(),
         "chosen_logps": output.metrics["logps/chosen"].sum(),
         "rejected_logps": output.metrics["logps/rejected"].sum(),
+        **{key: value.sum() for key, value in output.metrics.items() if key.startswith("losses/")},
     }
     listwise = [w for name, w in zip(config.losses, config.weights) if name in GROUP_LOSSES]
     group_loss = None
