@@ -48,11 +48,28 @@ def config(data, output_dir, samples: int, **sections):
     return parse_config(raw)
 
 
+def assert_greedy_decoding(checkpoint, rows, dataset, indices) -> None:
+    """Each row's completion is transformers' greedy decoding of its held-out prompt by `checkpoint`."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_file(str(dataset.tokenizer_path / "tokenizer.json"))
+    for row, index in zip(rows, indices, strict=True):
+        prompt = torch.tensor([dataset[index].prompt_ids.tolist()])
+        with torch.no_grad():
+            output = model.generate(prompt, do_sample=False, max_new_tokens=NEW, eos_token_id=dataset.eos_id,
+                                    pad_token_id=dataset.eos_id, attention_mask=torch.ones_like(prompt))  # fmt: skip
+        new = output[0, prompt.shape[1] :].tolist()
+        text = new[:-1] if new[-1] == dataset.eos_id and len(new) < NEW + 1 and dataset.eos_id in new else new
+        assert row["completion"] == tokenizer.decode(text, skip_special_tokens=False)
+        assert row["tokens"] == len(new)
+
+
 def test_samples_at_every_validation_in_every_log(hh_pairs, tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import AutoModelForCausalLM
 
     from unitrain.data.memmap import GPTMemmapDataset
     from unitrain.train.data import held_out_indices
@@ -66,19 +83,7 @@ def test_samples_at_every_validation_in_every_log(hh_pairs, tmp_path):
     assert len({row["prompt"] for row in rows}) == 2
 
     # the last validation's completions are the final model's: transformers' greedy decoding of the export
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", dtype=torch.float32).eval()
-    for row, index in zip(rows[-2:], indices):
-        prompt = torch.tensor([dataset[index].prompt_ids.tolist()])
-        with torch.no_grad():
-            output = model.generate(prompt, do_sample=False, max_new_tokens=NEW, eos_token_id=dataset.eos_id,
-                                    pad_token_id=dataset.eos_id, attention_mask=torch.ones_like(prompt))  # fmt: skip
-        new = output[0, prompt.shape[1] :].tolist()
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(dataset.tokenizer_path / "tokenizer.json"))
-        text = new[:-1] if new[-1] == dataset.eos_id and len(new) < NEW + 1 and dataset.eos_id in new else new
-        assert row["completion"] == tokenizer.decode(text, skip_special_tokens=False)
-        assert row["tokens"] == len(new)
+    assert_greedy_decoding(tmp_path / "run" / "hf", rows[-2:], dataset, indices)
 
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(row["eval/samples_seconds"] > 0 for row in metrics if "eval/loss" in row)
@@ -120,3 +125,31 @@ def test_samples_leave_training_as_it_was(hh_pairs, tmp_path):
     assert not (tmp_path / "without" / "samples.jsonl").exists() or not read_metrics(
         tmp_path / "without" / "samples.jsonl"
     )
+
+
+def test_samples_on_the_transformers_backend_with_lora_and_checkpointing(hh_pairs, tmp_path):
+    """The transformers backend generates with its own module (LoRA adapters inside, activation checkpointing
+    on): the final completions are the merged export's greedy decoding, and the run trains as without samples."""
+    from unitrain.data.memmap import GPTMemmapDataset
+    from unitrain.train.data import held_out_indices
+
+    sections = {
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.2},
+        "train": {"max_steps": 3, "seed": 0, "device": "cpu", "activation_checkpointing": True},
+    }
+    runs = {}
+    for name, samples in (("with", 2), ("without", 0)):
+        settings = config(hh_pairs, tmp_path / name, samples, **sections).model_dump()
+        settings["model"]["backend"] = "transformers"
+        train(parse_config(settings))
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    kept = lambda key: not key.endswith(("seconds", "per_second")) and not key.startswith("memory/")  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in row.items() if kept(k)} for row in rows]  # noqa: E731
+    assert strip(runs["with"]) == strip(runs["without"])
+    merged = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "with"), "--merge", "--output", str(merged)]) == 0
+    dataset = GPTMemmapDataset(hh_pairs)
+    indices = held_out_indices(tmp_path / "with", dataset)[:2].tolist()
+    rows = read_metrics(tmp_path / "with" / "samples.jsonl")
+    assert [row["step"] for row in rows] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert_greedy_decoding(merged, rows[-2:], dataset, indices)

@@ -10,7 +10,9 @@ size.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def complete(
     )
     device = next(model.parameters()).device
     # a generator of its own: the caller's random state (a training run's, say) is left as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _standard_attention(model):
         torch.manual_seed(sampling.seed)
         return [
             result
@@ -65,6 +67,22 @@ def complete(
                 model, prompts[start : start + batch_size], config, sampling, device
             )
         ]
+
+
+@contextlib.contextmanager
+def _standard_attention(model) -> Iterator[None]:
+    """A transformers-backend module attends through unitrain's packed attention, which needs a packed batch;
+    `generate` (left padding, a KV cache) runs transformers' own SDPA attention instead, switched back after."""
+    from unitrain.model.hf_backend.attention import ATTENTION_NAME
+
+    packed = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
+    if packed:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if packed:
+            model.set_attn_implementation(ATTENTION_NAME)
 
 
 def _complete_batch(
