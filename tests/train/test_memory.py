@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from unitrain.data.memmap.writer import write_dataset
 from unitrain.data.sample import GPTSample
+from unitrain.train import checkpoint as ckpt
 from unitrain.train.dist import init_distributed
 from unitrain.train.logs.memory import PhaseMemory
 from unitrain.train.trainer import Trainer, train
@@ -150,3 +151,25 @@ def test_the_lm_head_chunk_keeps_about_64_mib_of_logits_whatever_the_vocabulary(
     logits = 4 * vocab  # bytes of one target's fp32 logits
     gradients = 2 * weight.numel() * 4  # the fp32 head gradient, accumulated and returned
     assert peak[None] < 1.1 * 341 * logits + gradients < 1024 * logits <= peak[1024], peak
+
+
+def test_a_finished_run_frees_its_optimizer_state_before_export(preference_data, tmp_path, tiny_config):
+    """Once the last checkpoint is saved, the AdamW moments and the gradients (two and one copies of the weights)
+    are freed: the export and the final validation do not carry them."""
+    trainer = _trainer(tiny_config, preference_data, _same_pairs(tmp_path / "val", 4), tmp_path / "run")
+    exported = []
+    real_export = ckpt.export_hf
+
+    def export(*args, **kwargs):
+        exported.append((len(trainer.optimizer.state), [p.grad is None for p in trainer.model.parameters()]))
+        return real_export(*args, **kwargs)
+
+    ckpt.export_hf = export
+    try:
+        trainer.fit()
+    finally:
+        ckpt.export_hf = real_export
+    ((states, no_grads),) = exported
+    assert states == 0 and all(no_grads)
+    state = torch.load(ckpt.latest_checkpoint(tmp_path / "run") / "optimizer.pt", weights_only=True)
+    assert state["state"], "the checkpoint keeps the optimizer state a resume needs"

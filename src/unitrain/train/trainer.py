@@ -355,6 +355,9 @@ class Trainer:
             if not self.stop_requested:
                 if saved_at != self.step:
                     self.save()  # before the final evaluation: nothing trained is lost if it fails
+                # saved: the AdamW moments and gradients are freed before the export and the final validation
+                self.optimizer.state.clear()
+                self.model.zero_grad(set_to_none=True)
                 if self.context.is_main:
                     with self.memory.phase("export"):
                         ckpt.export_hf(ckpt.latest_checkpoint(self.output_dir), self.output_dir / "hf")
