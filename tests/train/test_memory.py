@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import numpy as np
 import torch
@@ -173,3 +174,28 @@ def test_a_finished_run_frees_its_optimizer_state_before_export(preference_data,
     assert states == 0 and all(no_grads)
     state = torch.load(ckpt.latest_checkpoint(tmp_path / "run") / "optimizer.pt", weights_only=True)
     assert state["state"], "the checkpoint keeps the optimizer state a resume needs"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_entering_a_phase_returns_the_heaps_free_pages():
+    """On glibc the C heap keeps what tensors freed (small blocks below a live one cannot shrink the heap): a
+    phase's RSS would count an earlier phase's garbage. Entering a phase hands those pages back."""
+    import pytest
+
+    from unitrain.train.logs.memory import _malloc_trim
+
+    if _malloc_trim() is None or not os.path.exists("/proc/self/statm"):
+        pytest.skip("glibc's malloc_trim and /proc are needed")
+    memory = PhaseMemory("cpu")
+    blocks = [torch.ones(16384) for _ in range(3072)]  # 64 KiB each, on the heap: 192 MiB touched
+    pinned = torch.ones(16384)  # allocated after them: the heap's top stays in use
+    del blocks
+    before = _rss_bytes()
+    with memory.phase("next"):
+        inside = _rss_bytes()
+    assert before - inside > 128 * (1 << 20), (before, inside)
+    del pinned

@@ -8,11 +8,20 @@ leaving one first folds the peak so far into every open phase, then resets it, s
 covers its inner ones. Trade-off: two small reads of /proc (or of torch's counters) per phase boundary, a few per
 micro-batch; where clear_refs cannot be written (not Linux, a restricted /proc) the CPU peak cannot be reset and
 each phase reports the process's peak so far, which still bounds it from above.
+
+On CPU with glibc, entering a phase first hands the heap's free pages back to the system (`malloc_trim`): what an
+earlier phase freed is otherwise kept resident by the C allocator and counted in every later phase's RSS, up to a
+gigabyte on a 135M model (activations of one micro-batch freed in its backward, then held through the next
+reference pass). Trade-off: the pages a phase touches again are faulted in anew, a cost measured in
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import re
 import resource
 import sys
@@ -52,6 +61,23 @@ def reset_peak_rss() -> bool:
     return True
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (another C library, or none found)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc); nothing elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class PhaseMemory:
     """`with memory.phase("backward"): ...` records that phase's peak; `summary()` gives the metrics.
 
@@ -81,8 +107,9 @@ class PhaseMemory:
         else:
             reset_peak_rss()
 
-    def _fold(self) -> None:
-        """The peak since the last reset goes into every open phase; then the counter restarts from now."""
+    def _fold(self, release: bool = False) -> None:
+        """The peak since the last reset goes into every open phase; then the counter restarts from now (on CPU
+        with `release`, after the heap's free pages are returned: see the module's docstring)."""
         measured = self._measure()
         for key, value in measured.items():
             self._overall[key] = max(self._overall.get(key, 0), value)
@@ -90,6 +117,8 @@ class PhaseMemory:
             peaks = self.peaks.setdefault(name, {})
             for key, value in measured.items():
                 peaks[key] = max(peaks.get(key, 0), value)
+        if release and not self.cuda:
+            release_free_memory()
         self._reset()
 
     @contextlib.contextmanager
@@ -97,7 +126,7 @@ class PhaseMemory:
         if self._exclusive:
             yield
             return
-        self._fold()
+        self._fold(release=True)
         self._exclusive = exclusive
         self._open.append(name)
         try:
