@@ -13,6 +13,7 @@ is reached in the first step and the time per step is the mean over the steps af
 
     python benchmarks/memory.py --workdir /tmp/memory-bench            # full + LoRA, both trainers
     python benchmarks/memory.py --only unitrain-lora,unitrain-lora-val # a subset of the runs
+    python benchmarks/memory.py --only unitrain-full,unitrain-full-no-trim --steps 4  # malloc_trim's A/B
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ RUNS = (  # name: (trainer, variant, activation checkpointing, validation)
     ("trl-lora", "trl", "lora", True, False),
     ("unitrain-lora", "unitrain", "lora", False, False),
     ("unitrain-lora-val", "unitrain", "lora", False, True),
+    ("unitrain-full-no-trim", "unitrain", "full", False, False),  # free heap pages kept between phases
+)
+# The same `unitrain train`, with the C heap's free pages not handed back at phase boundaries (the behaviour before
+# PhaseMemory called malloc_trim): the A/B of what that costs in speed and saves in memory.
+NO_TRIM = (
+    "import sys; import unitrain.train.logs.memory as memory; memory.release_free_memory = lambda: None; "
+    "from unitrain.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = unitrain_config(args, work, name, variant, checkpointing, validation)
             subprocess.run(["rm", "-rf", str(work / name)], check=True)
-            command = [sys.executable, "-m", "unitrain", "train", str(config)]
+            launcher = ["-c", NO_TRIM] if name.endswith("-no-trim") else ["-m", "unitrain"]
+            command = [sys.executable, *launcher, "train", str(config)]
         status, wall, peak = run_process(command, log, env)
         if status != 0:
             print(f"{name}: exit {status}, see {log}", file=sys.stderr)
@@ -274,6 +283,10 @@ def print_table(runs: dict) -> None:
             memory = runs[ours]["peak_rss_mib"] / runs[theirs]["peak_rss_mib"]
             speed = runs[ours]["pairs_per_second"] / runs[theirs]["pairs_per_second"]
             print(f"{label}: unitrain/TRL peak RSS {memory:.2f}x, speed {speed:.1f}x")
+    if "unitrain-full" in runs and "unitrain-full-no-trim" in runs:
+        memory = runs["unitrain-full"]["peak_rss_mib"] / runs["unitrain-full-no-trim"]["peak_rss_mib"]
+        speed = runs["unitrain-full"]["pairs_per_second"] / runs["unitrain-full-no-trim"]["pairs_per_second"]
+        print(f"heap pages returned at phase boundaries / kept: peak RSS {memory:.2f}x, speed {speed:.2f}x")
     if "unitrain-lora" in runs and "unitrain-lora-val" in runs:
         ratio = runs["unitrain-lora-val"]["peak_rss_mib"] / runs["unitrain-lora"]["peak_rss_mib"]
         print(f"LoRA with validation / without: peak RSS {ratio:.2f}x")

@@ -97,10 +97,16 @@ echo "== prepare: HH-RLHF pairs as chat turns with the model's template → $OUT
 unitrain prepare --input "$DATA/hh-rlhf/harmless-base-test.jsonl.gz" --tokenizer "$MODEL" --chat \
     --mode preference --max-length 256 --workers 2 --output "$OUT/hh-rlhf-chat" --overwrite --no-progress
 
-echo "== train: LoRA DPO of SmolLM2-135M-Instruct (configs/smollm2-lora-dpo.yaml)"
+# On a CUDA machine the same script takes a longer schedule (5x the steps and pairs seen); overrides given on the
+# command line come after these and win.
+SCHEDULE=()
+if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    SCHEDULE=(train.device=cuda train.max_steps=400 run.eval_every=100 run.save_every=400)
+fi
+echo "== train: LoRA DPO of SmolLM2-135M-Instruct (configs/smollm2-lora-dpo.yaml ${SCHEDULE[*]:-})"
 rm -rf "$OUT/run"
 unitrain train configs/smollm2-lora-dpo.yaml model.path="$MODEL" data.train="$OUT/hh-rlhf-chat" \
-    run.output_dir="$OUT/run" "$@"
+    run.output_dir="$OUT/run" "${SCHEDULE[@]}" "$@"
 
 echo "== score: the trained adapters against the starting model, on the pairs the run held out"
 unitrain score --model "$OUT/run/hf" --reference "$MODEL" --data "$OUT/hh-rlhf-chat" \
