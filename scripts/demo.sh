@@ -103,7 +103,7 @@ SCHEDULE=()
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     SCHEDULE=(train.device=cuda train.max_steps=400 run.eval_every=100 run.save_every=400)
 fi
-echo "== train: LoRA DPO of SmolLM2-135M-Instruct (configs/smollm2-lora-dpo.yaml ${SCHEDULE[*]:-})"
+echo "== train: LoRA DPO of SmolLM2-135M-Instruct (configs/smollm2-lora-dpo.yaml${SCHEDULE[*]:+ ${SCHEDULE[*]}})"
 rm -rf "$OUT/run"
 unitrain train configs/smollm2-lora-dpo.yaml model.path="$MODEL" data.train="$OUT/hh-rlhf-chat" \
     run.output_dir="$OUT/run" "${SCHEDULE[@]}" "$@"
