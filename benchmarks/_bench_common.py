@@ -130,14 +130,22 @@ def split_explicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | 
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def select_pairs(num_pairs: int, max_length: int) -> tuple[list[dict], list[dict]]:
-    """The first `num_pairs` HH-RLHF rows whose prompt + longer response (+EOS) fit in `max_length` GPT-2 tokens.
+def select_pairs(
+    num_pairs: int,
+    max_length: int,
+    tokenizer_path: Path = GPT2_TOKENIZER,
+    end_tokens: int = 1,
+    min_response_tokens: int = 0,
+) -> tuple[list[dict], list[dict]]:
+    """The first `num_pairs` HH-RLHF rows whose prompt + longer response (+ `end_tokens`, the EOS or a chat
+    template's end of turn) fit in `max_length` tokens of the tokenizer (GPT-2 unless given), each response at
+    least `min_response_tokens` long.
 
     Returns (raw rows with implicit prompts, for `unitrain prepare`; explicit prompt/chosen/rejected rows, for TRL).
     """
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(GPT2_TOKENIZER))
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     raw_rows, explicit_rows = [], []
     with gzip.open(HH_RLHF, "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -146,8 +154,11 @@ def select_pairs(num_pairs: int, max_length: int) -> tuple[list[dict], list[dict
             if split is None:
                 continue
             prompt, chosen, rejected = split
-            lengths = [len(tokenizer.encode(text).ids) for text in split]
-            if lengths[0] + max(lengths[1], lengths[2]) + 1 > max_length:
+            lengths = [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in split]
+            if (
+                lengths[0] + max(lengths[1:]) + end_tokens > max_length
+                or min(lengths[1:]) < min_response_tokens
+            ):
                 continue
             raw_rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
             explicit_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

@@ -45,17 +45,14 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("full", "lora")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_parser(description: str, hidden_size: int) -> argparse.ArgumentParser:
+    """The options every two-configuration benchmark built on this harness takes (`backends.py` too)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one repeat (smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--hidden-size", type=int, default=1536)
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--sequence-length", type=int, default=512, help="slots of the one row per step")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument(
-        "--activation-checkpointing", action="store_true", help="both configurations recompute their layers"
-    )
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
@@ -63,11 +60,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="keep the checkpoint, data and raw results here")
     parser.add_argument("--output", default=None, help="write the full results as JSON here")
     parser.add_argument("--worker", nargs=3, metavar=("SPEC", "VARIANT", "OUT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = common_parser(__doc__.split("\n")[0], hidden_size=1536)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="both configurations recompute their layers"
+    )
     return parser.parse_args(argv)
 
 
-def worker(spec_path: str, variant: str, out_path: str) -> None:
-    """One configuration: the trainer's own init and steps; writes per-step pairs/seconds and peak memory."""
+def lora_sections(variant: str, spec: dict) -> dict:
+    """The config sections the `lora` configuration adds: rank `--rank` on all seven projections."""
+    return {"lora": {"rank": spec["rank"], "alpha": 2.0 * spec["rank"]}} if variant == "lora" else {}
+
+
+def worker(spec_path: str, variant: str, out_path: str, sections=lora_sections) -> None:
+    """One configuration: the trainer's own init and steps; writes per-step pairs/seconds/loss and peak memory.
+    `sections(variant, spec)` gives the config sections that make this configuration what it is."""
     from unitrain.config import parse_config
     from unitrain.train.dist import init_distributed
     from unitrain.train.trainer import Trainer
@@ -90,8 +102,9 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
             "activation_checkpointing": spec.get("activation_checkpointing", False),
         },
         "run": {"output_dir": tempfile.mkdtemp(dir=spec["workdir"]), "progress": False, "tensorboard": False},
-        "lora": {"rank": spec["rank"], "alpha": 2.0 * spec["rank"]} if variant == "lora" else {},
     }
+    for name, values in sections(variant, spec).items():
+        raw[name] = {**raw.get(name, {}), **values}
     protocol = os.fdopen(os.dup(1), "w", buffering=1)  # one line per step back to the orchestrator
     os.dup2(2, 1)  # everything else the trainer prints goes to the log
     start = time.perf_counter()
@@ -108,7 +121,13 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
         if metrics is None:
             raise SystemExit("a step had a non-finite loss or gradient")
         seconds = metrics["step_seconds"]
-        steps.append({"seconds": seconds, "pairs": round(metrics["pairs_per_second"] * seconds)})
+        steps.append(
+            {
+                "seconds": seconds,
+                "pairs": round(metrics["pairs_per_second"] * seconds),
+                "loss": metrics["loss"],
+            }
+        )
         protocol.write(json.dumps(steps[-1]) + "\n")
     # the trainer resets the peak counters at each phase of a step: its recorder holds the steps' overall peak
     recorded = trainer.memory.summary()["memory/peak_allocated_mib" if cuda else "memory/peak_rss_mib"]
@@ -117,6 +136,7 @@ def worker(spec_path: str, variant: str, out_path: str) -> None:
         out_path,
         {
             "variant": variant,
+            "model_class": type(trainer.model).__name__,
             "steps": steps,
             "setup_seconds": setup_seconds,
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -215,12 +235,14 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]], warmup: int) -> dict:
-    """Per variant: pairs/s and peak memory over repeats (median, min, max); the same pairs in every step; and the
-    ratio of the two configurations' times of each timed step (they ran side by side)."""
+    """Per variant: pairs/s and peak memory over repeats (median, min, max); the same pairs in every step (checked);
+    `step_ratio`, the first configuration's time of each timed step over the second's (they ran side by side);
+    and the largest difference of the two configurations' losses at one step."""
+    first, second = runs
     pairs = {
         variant: [[s["pairs"] for s in run["steps"]] for run in results] for variant, results in runs.items()
     }
-    if pairs["full"] != pairs["lora"]:
+    if pairs[first] != pairs[second]:
         raise SystemExit(f"the configurations trained on different pairs per step: {pairs}")
     summary = {}
     for variant, results in runs.items():
@@ -232,14 +254,19 @@ def summarize(runs: dict[str, list[dict]], warmup: int) -> dict:
             "training_peak_mib": median_spread([r["training_peak_mib"] for r in results]),
             "parameters": results[0]["parameters"],
             "trainable_parameters": results[0]["trainable_parameters"],
-            "pairs_per_step": pairs["full"],
+            "model_class": results[0]["model_class"],
+            "pairs_per_step": pairs[first],
         }
-    speedups = [
-        full["seconds"] / lora["seconds"]
-        for full_run, lora_run in zip(runs["full"], runs["lora"])
-        for full, lora in zip(full_run["steps"][warmup:], lora_run["steps"][warmup:])
-    ]
-    summary["step_speedup"] = median_spread(speedups)
+
+    def side_by_side(start: int) -> list[tuple[dict, dict]]:  # the two configurations' records of one step
+        return [
+            (a, b)
+            for a_run, b_run in zip(runs[first], runs[second])
+            for a, b in zip(a_run["steps"][start:], b_run["steps"][start:])
+        ]
+
+    summary["step_ratio"] = median_spread([a["seconds"] / b["seconds"] for a, b in side_by_side(warmup)])
+    summary["max_loss_difference"] = max(abs(a["loss"] - b["loss"]) for a, b in side_by_side(0))
     return summary
 
 
@@ -263,30 +290,28 @@ def markdown(summary: dict, device: str) -> str:
     lines += [
         "",
         f"LoRA / full (medians): peak memory {memory_ratio:.3f}x (target <= 0.35x), pairs/s {speed_ratio:.2f}x "
-        f"(target >= 1.3x); per step, full's time / LoRA's time {spread(summary['step_speedup'], 2)}",
+        f"(target >= 1.3x); per step, full's time / LoRA's time {spread(summary['step_ratio'], 2)}",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return 0
+def run_benchmark(args: argparse.Namespace, script: str, variants: tuple[str, ...], prefix: str) -> dict:
+    """Prepare, run `args.repeats` repeats of the two configurations side by side, summarize; the report (also
+    written to `--output`)."""
     if args.quick:
         args.hidden_size, args.layers, args.repeats, args.timed_steps = 128, 2, 1, 2
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lora-bench-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     for sub in ("results", "logs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     spec = prepare(workdir, args)
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
-        for variant, result in run_repeat(workdir, repeat, args.warmup_steps + args.timed_steps).items():
+        for variant, result in run_repeat(
+            workdir, repeat, args.warmup_steps + args.timed_steps, script, variants
+        ).items():
             runs[variant].append(result)
-    summary = summarize(runs, args.warmup_steps)
-    table = markdown(summary, args.device)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     machine = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
@@ -298,16 +323,31 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": os.getloadavg(),
         "seconds": time.perf_counter() - started,
         "spec": spec,
-        "summary": summary,
+        "summary": summarize(runs, args.warmup_steps),
         "runs": runs,
     }
     if args.output:
         write_json(args.output, report)
-    print(table)
+    return report
+
+
+def settings_line(args: argparse.Namespace, report: dict, extra: str = "") -> str:
+    return (
+        f"model {report['spec']['shape']}, {args.sequence_length}-slot rows{extra}, {args.timed_steps} timed steps "
+        f"after {args.warmup_steps} warm-up, {args.repeats} repeats, {args.threads} threads; load average at the "
+        f"end {report['load_average_at_end'][0]:.2f}; {report['seconds']:.0f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return 0
+    report = run_benchmark(args, "lora.py", VARIANTS, "lora-bench-")
+    print(markdown(report["summary"], args.device))
     recompute = ", activation checkpointing" if args.activation_checkpointing else ""
-    print(f"model {spec['shape']}, {args.sequence_length}-slot rows{recompute}, {args.timed_steps} timed steps after "
-          f"{args.warmup_steps} warm-up, {args.repeats} repeats, {args.threads} threads; "
-          f"load average at the end {os.getloadavg()[0]:.2f}; {report['seconds']:.0f} s")  # fmt: skip
+    print(settings_line(args, report, recompute))
     return 0
 
 

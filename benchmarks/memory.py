@@ -19,7 +19,6 @@ is reached in the first step and the time per step is the mean over the steps af
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -27,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from _bench_common import select_pairs
+
 ROOT = Path(__file__).resolve().parent.parent
-HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-ASSISTANT_TAG = "\n\nAssistant:"
 LORA = {"rank": 16, "alpha": 32.0}
 RUNS = (  # name: (trainer, variant, activation checkpointing, validation)
     ("trl-full", "trl", "full", True, False),  # TRL's default: gradient checkpointing on
@@ -47,40 +46,6 @@ NO_TRIM = (
     "import sys; import unitrain.train.logs.memory as memory; memory.release_free_memory = lambda: None; "
     "from unitrain.cli import main; sys.exit(main(sys.argv[1:]))"
 )
-
-
-def split_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """The prompt ends after the last `\\n\\nAssistant:` both dialogues share (as `unitrain prepare` splits it)."""
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    cut = chosen.rfind(ASSISTANT_TAG, 0, shared)
-    if cut < 0:
-        return None
-    end = cut + len(ASSISTANT_TAG)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def select_pairs(model: Path, count: int, max_length: int) -> tuple[list[dict], list[dict]]:
-    """(raw rows for `unitrain prepare`, explicit prompt/chosen/rejected rows for TRL) of the first fitting pairs."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    raw, explicit = [], []
-    with gzip.open(HH_RLHF, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            split = split_prompt(row["chosen"], row["rejected"])
-            if split is None:
-                continue
-            lengths = [len(tokenizer.encode(text, add_special_tokens=False).ids) for text in split]
-            if lengths[0] + max(lengths[1:]) + 2 > max_length or min(lengths[1:]) < 2:
-                continue
-            raw.append({"chosen": row["chosen"], "rejected": row["rejected"]})
-            explicit.append(dict(zip(("prompt", "chosen", "rejected"), split)))
-            if len(raw) == count:
-                break
-    return raw, explicit
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -211,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return trl_worker(args)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    raw, explicit = select_pairs(args.model, args.pairs + args.validation_pairs, args.max_length)
+    # the model's own tokenizer; two end tokens (a chat template's end of turn and newline), responses of 2+ tokens
+    raw, explicit = select_pairs(
+        args.pairs + args.validation_pairs, args.max_length, args.model / "tokenizer.json", 2, 2
+    )
     write_jsonl(work / "pairs.jsonl", explicit[: args.pairs])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for name, rows in (("train", raw[: args.pairs]), ("val", raw[args.pairs :])):
