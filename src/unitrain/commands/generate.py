@@ -15,14 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import torch
-
 from unitrain.errors import UnitrainError
+from unitrain.model.adapter import WEIGHT_DTYPES as DTYPES
 
 HELP = (
     "write completions of prompts from a checkpoint, an adapter or a run (and from the model it started from)"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 START = "start"
 
 

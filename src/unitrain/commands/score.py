@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from unitrain.errors import UnitrainError
+from unitrain.model.adapter import WEIGHT_DTYPES as DTYPES
 
 HELP = "write the log-prob of every response of a preference dataset under a model (and a reference)"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,8 @@ from unitrain.model.lora import (
     merge_lora,
 )
 
+# the weight dtypes `score` and `generate` load a model in (--dtype)
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
