@@ -160,3 +160,16 @@ def test_a_list_of_losses_logs_each_term(preference_data, tmp_path, tiny_config)
     assert result.last_metrics["eval/loss"] == pytest.approx(
         sigmoid + 0.5 * result.last_metrics["eval/losses/sft"], rel=1e-5
     )
+
+
+def test_a_batchs_chosen_targets_add_up_to_the_plans_count(preference_data, tmp_path, tiny_config):
+    """`PackedBatch.num_chosen_targets` (from the batch's tensors, what validation normalizes the `sft` term by)
+    sums over a step's micro-batches to the plan's own count (numpy, from the row metadata), which training uses."""
+    from unitrain.train.data import load_training_data
+
+    config = tiny_config("dpo", preference_data, tmp_path, batch={"micro_batch_size": 2})
+    stream = load_training_data(config, init_distributed("cpu")).stream
+    for _ in range(3):
+        step = stream.next_step()
+        assert step.global_chosen_targets > 0
+        assert sum(batch.num_chosen_targets for batch in step.micro_batches) == step.global_chosen_targets

@@ -99,6 +99,13 @@ class PackedBatch:
         return self.group_index.shape[0]
 
     @property
+    def num_chosen_targets(self) -> int:
+        """Targets of each pair's preferred response, counted once per pair that prefers it: the token count that
+        normalizes the `sft` term of a preference loss."""
+        wins = torch.bincount(self.pair_responses[:, 0], minlength=self.num_responses)  # (Rb,)
+        return int(wins[self.target_response[self.target_response >= 0]].sum())
+
+    @property
     def num_tokens(self) -> int:
         """Real (non-padding) token slots."""
         return int((self.document_id >= 0).sum())

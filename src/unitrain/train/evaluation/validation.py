@@ -58,8 +58,7 @@ class Validation:
         batches = chosen = pairs = groups = 0
         for _, batch in self.trainer.data.validation_batches():
             batches += 1
-            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)  # (Rb,)
-            chosen += int(wins[batch.target_response[batch.target_response >= 0]].sum())
+            chosen += batch.num_chosen_targets
             pairs += batch.num_pairs
             groups += batch.num_groups
         return batches, chosen / max(pairs, 1), groups

@@ -220,8 +220,7 @@ class MixedObjectives:
         where = {position: k for k, (position, _) in enumerate(data.validation)}
         for position, batch in data.validation_batches():
             counts = set_counts[where[position]]
-            wins = torch.bincount(batch.pair_responses[:, 0], minlength=batch.num_responses)
-            counts["chosen"] += int(wins[batch.target_response[batch.target_response >= 0]].sum())
+            counts["chosen"] += batch.num_chosen_targets
             counts["pairs"] += batch.num_pairs
             counts["groups"] += batch.num_groups
         return set_counts
