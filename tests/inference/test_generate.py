@@ -3,7 +3,6 @@ checkpoint, an adapter and a training run; sampling is reproducible with a seed.
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
@@ -73,22 +72,17 @@ def test_an_adapter_decodes_as_peft_does_and_its_reference_is_the_base(
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_checkpoint, hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factory):
+def lora_run(tiny_checkpoint, hh_pairs, tmp_path_factory):
     """Two LoRA DPO steps on 16 HH-RLHF pairs from the tiny checkpoint, a quarter of them held out."""
     from unitrain.config import config_to_yaml, parse_config
 
     root = tmp_path_factory.mktemp("lora-run")
-    with gzip.open(hh_rlhf_path, "rt") as source:
-        (root / "slice.jsonl").write_text("".join(next(source) for _ in range(16)))
-    prepare = ["prepare", "--input", str(root / "slice.jsonl"), "--tokenizer", str(gpt2_tokenizer_path)]
-    prepare += ["--max-length", "96", "--workers", "1", "--no-progress", "--output", str(root / "pairs")]
-    assert main(prepare) == 0
     config = parse_config(
         {
             "objective": "dpo",
             "model": {"path": str(tiny_checkpoint)},
             "lora": {"rank": 4, "alpha": 8},
-            "data": {"train": str(root / "pairs"), "validation": 0.25},
+            "data": {"train": str(hh_pairs), "validation": 0.25},
             "packing": {"sequence_length": 256},
             "batch": {"micro_batch_size": 2, "gradient_accumulation_steps": 1},
             "optimizer": {"lr": 0.05},
@@ -101,7 +95,7 @@ def lora_run(tiny_checkpoint, hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factor
     return root
 
 
-def test_a_run_decodes_its_held_out_prompts_as_its_export_does(lora_run, tiny_checkpoint, tmp_path):
+def test_a_run_decodes_its_held_out_prompts_as_its_export_does(lora_run, hh_pairs, tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from unitrain.data.memmap import GPTMemmapDataset
@@ -109,7 +103,7 @@ def test_a_run_decodes_its_held_out_prompts_as_its_export_does(lora_run, tiny_ch
 
     run = lora_run / "run"
     rows = generate(tmp_path, "--model", str(run), "--held-out", str(run), "--limit", "3", "--reference")
-    dataset = GPTMemmapDataset(lora_run / "pairs")
+    dataset = GPTMemmapDataset(hh_pairs)
     indices = held_out_indices(run, dataset)[:3].tolist()
     assert [row["index"] for row in rows] == indices
     prompts = [dataset[index].prompt_ids.tolist() for index in indices]

@@ -11,6 +11,8 @@ import torch
 
 from unitrain.cli import main
 
+from .conftest import TINY
+
 gguf = pytest.importorskip("gguf")
 
 TEMPLATE = (
@@ -89,15 +91,7 @@ def tiny_gguf(tmp_path_factory):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(byte_level_vocabulary()),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=50000.0,
+        **{**TINY, "vocab_size": len(byte_level_vocabulary())}, rms_norm_eps=1e-5, rope_theta=50000.0
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

@@ -4,7 +4,6 @@ TensorBoard's text tab and a W&B table, without changing what the run trains."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
@@ -18,17 +17,6 @@ from unitrain.train.logs.metrics import read_metrics
 from .test_wandb import history, offline_runs
 
 NEW = 6
-
-
-@pytest.fixture(scope="module")
-def hh_pairs(hh_rlhf_path, gpt2_tokenizer_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("samples")
-    with gzip.open(hh_rlhf_path, "rt") as source:
-        (root / "slice.jsonl").write_text("".join(next(source) for _ in range(16)))
-    prepare = ["prepare", "--input", str(root / "slice.jsonl"), "--tokenizer", str(gpt2_tokenizer_path)]
-    prepare += ["--max-length", "96", "--workers", "1", "--no-progress", "--output", str(root / "pairs")]
-    assert main(prepare) == 0
-    return root / "pairs"
 
 
 def config(data, output_dir, samples: int, **sections):
