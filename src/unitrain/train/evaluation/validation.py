@@ -44,7 +44,18 @@ class Validation:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.pairs = np.zeros((0, 3))  # the last validation's `pair_table` rows, every rank's
-        self.report: list[str] = []  # and their `preference_report` lines
+
+    @property
+    def reference_free(self) -> bool:
+        return self.trainer.reference is None or self.trainer.reference.kind == "none"
+
+    @property
+    def report(self) -> list[str]:
+        """`preference_report` lines of the last validation's pairs (none before one ran)."""
+        from unitrain.train.logs.report import preference_report
+
+        margins, lengths, gains = self.pairs.T
+        return preference_report(margins, lengths.astype(np.int64), None if self.reference_free else gains)
 
     @functools.cached_property
     def reference(self) -> RememberedReference | None:
@@ -124,8 +135,6 @@ class Validation:
 
     def _pairs(self, table: list[torch.Tensor], shard: bool) -> dict[str, float]:
         """Keep this validation's per-pair table (every rank's), log it, and return the chosen win rate."""
-        from unitrain.train.logs.report import preference_report
-
         trainer = self.trainer
         rows = torch.cat(table).numpy() if table else np.zeros((0, 3))  # (P, 3)
         if shard and trainer.context.is_distributed:
@@ -135,12 +144,9 @@ class Validation:
             dist.all_gather_object(gathered, rows)
             rows = np.concatenate(gathered)
         self.pairs = rows
-        margins, lengths, gains = rows.T
-        reference_free = trainer.reference is None or trainer.reference.kind == "none"
-        self.report = preference_report(margins, lengths.astype(np.int64), None if reference_free else gains)
         writer = getattr(trainer, "writer", None)  # the run's MetricsWriter, made when training starts
         if writer is not None:
             writer.log_pairs(trainer.step, rows)
-        if reference_free or not len(rows):
+        if self.reference_free or not len(rows):
             return {}
-        return {"eval/rewards/chosen_win_rate": float((gains > 0).mean())}
+        return {"eval/rewards/chosen_win_rate": float((rows[:, 2] > 0).mean())}
