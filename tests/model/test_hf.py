@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +71,18 @@ def test_dtype_and_tied_head(random_hf_model, tmp_path):
     model = from_pretrained(_save(random_hf_model("llama3-scaled-tied-bias"), tmp_path), dtype=torch.bfloat16)
     assert model.lm_head_weight.dtype == torch.bfloat16
     assert model.lm_head_weight.data_ptr() == model.embed.weight.data_ptr()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_loaded_weights_keep_no_mapping_of_the_checkpoint(random_hf_model, tmp_path):
+    """A tensor read in the file's dtype is a view of safetensors' memory map; one such view kept by the model
+    keeps the whole map, and every page read while loading (the q/k/v and gate/up parts of the fused weights
+    too), resident for the model's life."""
+    checkpoint = _save(random_hf_model("llama"), tmp_path)
+    model = from_pretrained(checkpoint)
+    assert model.embed.weight.dtype == torch.float32  # the file's dtype: the case that used to keep views
+    gc.collect()
+    assert str(checkpoint / "model.safetensors") not in Path("/proc/self/maps").read_text()
 
 
 def test_unsupported_architecture_is_refused_in_one_line(random_hf_model, tmp_path):

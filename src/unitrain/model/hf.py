@@ -163,9 +163,18 @@ def from_pretrained(
     if unexpected:
         raise UnitrainError(f"{directory}: unexpected tensor {unexpected[0]} for {config.architecture}")
     dtype = dtype or torch.float32
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    state = {name: _owned_copy(state.pop(name), device, dtype) for name in list(state)}
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _owned_copy(tensor: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype` on `device`, in memory of its own. A tensor read in the file's dtype is a view of
+    safetensors' memory map, and one such view keeps the whole mapping alive: every page read while loading
+    (the q/k/v and gate/up parts copied into fused weights included) would stay in the process's resident set
+    for the model's life, 0.27 GB per SmolLM2-135M model."""
+    moved = tensor.to(device=device, dtype=dtype)
+    return moved.clone() if moved is tensor else moved
 
 
 def _parse_size(size: int | str) -> int:
