@@ -3,11 +3,24 @@ exact gradients (checked against autograd through the plain formulas, in float64
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from unitrain.model.attention import causal_attention
 from unitrain.model.config import ModelConfig
-from unitrain.model.llama import Block, RMSNorm, SwiGLU, _RMSNormFunction, _SiluMul
+from unitrain.model.llama import (
+    Block,
+    RMSNorm,
+    SwiGLU,
+    _RMSNormFunction,
+    _SiluMul,
+    rope_inverse_frequencies,
+    rope_tables,
+)
 
 
 def test_rms_norm_gradients_match_the_plain_formula():
@@ -68,3 +81,61 @@ def test_norm_and_mlp_keep_only_their_inputs_and_the_projection():
     weights = sum(p.numel() for p in mlp.parameters())
     assert _saved_floats(mlp, x) == tokens * (width + 3 * inner) + weights
     assert isinstance(Block(config).mlp, SwiGLU)
+
+
+def _block_and_inputs(seed: int = 0):
+    config = ModelConfig.from_hf(
+        {"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 32, "intermediate_size": 48,
+         "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+        source="test",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    block = Block(config)
+    for parameter in block.parameters():  # norms away from 1, so a wrong recomputation shows
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    positions = torch.arange(10).expand(2, 10)
+    cos, sin = rope_tables(rope_inverse_frequencies(config), positions, torch.float32)
+    return block, (x, cos, sin, causal_attention())
+
+
+def test_block_keeps_neither_normed_inputs_nor_the_mlp_product():
+    """The two norms' outputs and silu(gate) * up are recomputed in backward from what the graph keeps anyway (the
+    norm's input, the gate/up projection): their memory is free once the forward returns."""
+    block, inputs = _block_and_inputs()
+    storages = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            storages[name] = weakref.ref(output.untyped_storage())
+
+        return hook
+
+    for name in ("attention_norm", "mlp_norm", "attention.qkv", "mlp.gate_up"):
+        block.get_submodule(name).register_forward_hook(keep(name))
+    block.mlp.down.register_forward_pre_hook(
+        lambda module, args: storages.__setitem__("mlp product", weakref.ref(args[0].untyped_storage()))
+    )
+    out = block(*inputs)
+    gc.collect()
+    alive = {name: ref() is not None for name, ref in storages.items()}
+    assert alive == {
+        "attention_norm": False, "mlp_norm": False, "mlp product": False,
+        "attention.qkv": True, "mlp.gate_up": True,  # kept: the attention and _SiluMul need them
+    }  # fmt: skip
+    out.sum().backward()  # and the backward still runs
+
+
+def test_recomputed_tensors_give_the_same_gradients_bit_for_bit():
+    """Against the same block with every intermediate kept (any outer saved-tensor hook switches the recipes off,
+    as activation checkpointing's does)."""
+    grads = []
+    for keep_all in (False, True):
+        block, (x, *rest) = _block_and_inputs(seed=3)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with hooks if keep_all else contextlib.nullcontext():
+            out = block(x, *rest)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        grads.append([x.grad] + [p.grad for p in block.parameters()])
+    for recomputed, kept in zip(*grads, strict=True):
+        assert torch.equal(recomputed, kept)
