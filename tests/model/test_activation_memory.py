@@ -7,10 +7,13 @@ import contextlib
 import gc
 import weakref
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from unitrain.model.attention import causal_attention
+from unitrain.model.attention import build_attention, causal_attention
 from unitrain.model.config import ModelConfig
 from unitrain.model.llama import (
     Block,
@@ -83,7 +86,7 @@ def test_norm_and_mlp_keep_only_their_inputs_and_the_projection():
     assert isinstance(Block(config).mlp, SwiGLU)
 
 
-def _block_and_inputs(seed: int = 0):
+def _block_and_inputs(make_batch, backend: str, seed: int = 0):
     config = ModelConfig.from_hf(
         {"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
@@ -93,45 +96,63 @@ def _block_and_inputs(seed: int = 0):
     block = Block(config)
     for parameter in block.parameters():  # norms away from 1, so a wrong recomputation shows
         torch.nn.init.normal_(parameter, std=0.3)
-    x = torch.randn(2, 10, 32, requires_grad=True)
-    positions = torch.arange(10).expand(2, 10)
+    if backend == "causal":
+        positions, attention = torch.arange(12).expand(2, 12), causal_attention()
+    else:  # a shared-prompt pair and a plain document in one row, a plain one in the other
+        batch = make_batch([[([1] * 9, "pair:4:3"), ([2] * 3, "plain")], [([3] * 12, "plain")]])
+        positions, attention = batch.position_ids, build_attention(batch, backend)
+        assert attention.backend == backend
+    x = torch.randn(2, 12, 32, requires_grad=True)
     cos, sin = rope_tables(rope_inverse_frequencies(config), positions, torch.float32)
-    return block, (x, cos, sin, causal_attention())
+    return block, (x, cos, sin, attention)
 
 
-def test_block_keeps_neither_normed_inputs_nor_the_mlp_product():
-    """The two norms' outputs and silu(gate) * up are recomputed in backward from what the graph keeps anyway (the
-    norm's input, the gate/up projection): their memory is free once the forward returns."""
-    block, inputs = _block_and_inputs()
-    storages = {}
+class _HeldBytes(TorchDispatchMode):
+    """Records the memory of every tensor an op makes; `held()` is the part still alive (what the graph keeps)."""
 
-    def keep(name):
-        def hook(module, args, output):
-            storages[name] = weakref.ref(output.untyped_storage())
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[weakref.ref, int]] = {}
 
-        return hook
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                self.storages[storage.data_ptr()] = (weakref.ref(storage), storage.nbytes())
+        return out
 
-    for name in ("attention_norm", "mlp_norm", "attention.qkv", "mlp.gate_up"):
-        block.get_submodule(name).register_forward_hook(keep(name))
-    block.mlp.down.register_forward_pre_hook(
-        lambda module, args: storages.__setitem__("mlp product", weakref.ref(args[0].untyped_storage()))
-    )
-    out = block(*inputs)
-    gc.collect()
-    alive = {name: ref() is not None for name, ref in storages.items()}
-    assert alive == {
-        "attention_norm": False, "mlp_norm": False, "mlp product": False,
-        "attention.qkv": True, "mlp.gate_up": True,  # kept: the attention and _SiluMul need them
-    }  # fmt: skip
+    def held(self) -> int:
+        gc.collect()
+        return sum(size for ref, size in self.storages.values() if ref() is not None)
+
+
+@pytest.mark.parametrize("backend", ["causal", "dense", "blocks"])
+def test_block_keeps_no_normed_input_no_mlp_product_and_one_attention_output(make_batch, backend):
+    """Per token, the graph of a layer holds 2 D + F numbers less than with every intermediate kept: the two norms'
+    outputs and silu(gate) * up are rebuilt in backward from what it keeps anyway (the norms' inputs, the gate/up
+    projection). The blocks backend also drops its merged copy of the attention output (H * Dh), rebuilt from the
+    kernel's own outputs; the causal and dense kernels' output is already the projection's input."""
+    held = []
+    for keep_all in (False, True):
+        block, inputs = _block_and_inputs(make_batch, backend)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with hooks if keep_all else contextlib.nullcontext(), _HeldBytes() as recorder:
+            out = block(*inputs)
+        held.append(recorder.held() - out.untyped_storage().nbytes())
+    tokens, width, inner, attention_width = 2 * 12, 32, 48, 32
+    dropped = 2 * width + inner + (attention_width if backend == "blocks" else 0)
+    assert held[1] - held[0] == tokens * dropped * 4
     out.sum().backward()  # and the backward still runs
 
 
-def test_recomputed_tensors_give_the_same_gradients_bit_for_bit():
+@pytest.mark.parametrize("backend", ["causal", "dense", "blocks"])
+def test_recomputed_tensors_give_the_same_gradients_bit_for_bit(make_batch, backend):
     """Against the same block with every intermediate kept (any outer saved-tensor hook switches the recipes off,
     as activation checkpointing's does)."""
     grads = []
     for keep_all in (False, True):
-        block, (x, *rest) = _block_and_inputs(seed=3)
+        block, (x, *rest) = _block_and_inputs(make_batch, backend, seed=3)
         hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
         with hooks if keep_all else contextlib.nullcontext():
             out = block(x, *rest)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from unitrain.data.batch import SEGMENT_PLAIN, SEGMENT_PROMPT, PackedBatch
 
 BACKENDS = ("auto", "causal", "dense", "blocks", "flex")
+Recipe = Callable[[], torch.Tensor]
 
 
 def attention_rule(
@@ -55,7 +56,7 @@ class Attention:
     `scale` (None: 1/sqrt(Dh)) and `softcap` (scores become softcap * tanh(scores / softcap), Gemma 2) are per
     call: architectures run through the transformers backend set them per layer."""
 
-    def __init__(self, backend: str, run: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, backend: str, run: Callable[..., tuple[torch.Tensor, Recipe]]) -> None:
         self.backend = backend
         self._run = run
 
@@ -68,7 +69,12 @@ class Attention:
         softcap: float | None = None,
     ) -> torch.Tensor:
         """q (R, T, H, Dh), k and v (R, T, Hkv, Dh) -> (R, T, H, Dh)."""
-        return self._run(q, k, v, scale, softcap)
+        return self._run(q, k, v, scale, softcap)[0]
+
+    def with_recipe(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, Recipe]:
+        """The output and a function that rebuilds it, bit for bit, from the attention kernel's own output (which
+        its backward keeps): the consumer of the output need not keep a second copy."""
+        return self._run(q, k, v, None, None)
 
 
 def _sdpa(q, k, v, mask, is_causal: bool, scale: float | None, softcap: float | None) -> torch.Tensor:  # noqa: ANN001
@@ -91,13 +97,19 @@ def _sdpa(q, k, v, mask, is_causal: bool, scale: float | None, softcap: float | 
 
 
 def causal_attention() -> Attention:
-    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+    def run(q, k, v, scale, softcap) -> tuple[torch.Tensor, Recipe]:  # noqa: ANN001
         out = _sdpa(  # (R, H, T, Dh)
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, scale, softcap
         )
-        return out.transpose(1, 2)
+        return _transposed(out)
 
     return Attention("causal", run)
+
+
+def _transposed(out: torch.Tensor) -> tuple[torch.Tensor, Recipe]:
+    """(R, H, T, Dh) -> the (R, T, H, Dh) view and its recipe."""
+    kept = out.detach()
+    return out.transpose(1, 2), lambda: kept.transpose(1, 2)
 
 
 def build_attention(
@@ -136,11 +148,11 @@ def dense_mask(batch: PackedBatch, sliding_window: int | None = None) -> torch.T
 def _dense_attention(batch: PackedBatch, sliding_window: int | None) -> Attention:
     mask = dense_mask(batch, sliding_window)  # (R, 1, T, T)
 
-    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+    def run(q, k, v, scale, softcap) -> tuple[torch.Tensor, Recipe]:  # noqa: ANN001
         out = _sdpa(  # (R, H, T, Dh)
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale, softcap
         )
-        return out.transpose(1, 2)
+        return _transposed(out)
 
     return Attention("dense", run)
 
@@ -227,7 +239,7 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
     to_padded = (torch.cat(padded_sources), torch.cat(padded_zero))
     to_flat = (flat_source.clamp(min=0), torch.nonzero(flat_source < 0).squeeze(1))
 
-    def run(q, k, v, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+    def run(q, k, v, scale, softcap) -> tuple[torch.Tensor, Recipe]:  # noqa: ANN001
         rows, length, heads, head_dim = q.shape
         q_pad, k_pad, v_pad = (  # (P, heads, Dh): every document padded to its bucket's length
             _Regather.apply(t.reshape(rows * length, t.shape[2], head_dim), *to_padded, *to_flat)
@@ -241,10 +253,15 @@ def _block_attention(batch: PackedBatch, sliding_window: int | None) -> Attentio
                 .transpose(1, 2)
                 for t in (q_pad, k_pad, v_pad)
             )
-            out = _sdpa(q_b, k_b, v_b, mask, mask is None, scale, softcap)  # (docs, H, L, Dh)
-            outputs.append(out.transpose(1, 2).reshape(-1, heads, head_dim))  # (docs*L, H, Dh)
-        merged = _Regather.apply(torch.cat(outputs), *to_flat, *to_padded)  # (R*T, H, Dh)
-        return merged.view(rows, length, heads, head_dim)
+            outputs.append(_sdpa(q_b, k_b, v_b, mask, mask is None, scale, softcap))  # (docs, H, L, Dh)
+
+        def merge(outputs: list[torch.Tensor]) -> torch.Tensor:
+            padded = torch.cat([out.transpose(1, 2).reshape(-1, heads, head_dim) for out in outputs])
+            merged = _Regather.apply(padded, *to_flat, *to_padded)  # (R*T, H, Dh)
+            return merged.view(rows, length, heads, head_dim)
+
+        kept = [out.detach() for out in outputs]
+        return merge(outputs), lambda: merge(kept)
 
     return Attention("blocks", run)
 
@@ -281,6 +298,6 @@ def _flex_attention(batch: PackedBatch, sliding_window: int | None) -> Attention
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
             block_mask=block_mask, scale=scale, enable_gqa=True,
         )  # fmt: skip
-        return out.transpose(1, 2)
+        return _transposed(out)
 
     return Attention("flex", run)

@@ -206,8 +206,10 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v)  # (R, T, H, Dh)
-        return self.out(y.reshape(rows, length, q_width))  # (R, T, D)
+        y, recipe = attention.with_recipe(q, k, v)  # (R, T, H, Dh)
+        y = y.reshape(rows, length, q_width)
+        with recomputed_in_backward(y, lambda: recipe().reshape(rows, length, q_width)):
+            return self.out(y)  # (R, T, D)
 
 
 class SwiGLU(nn.Module):
