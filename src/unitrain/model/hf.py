@@ -3,8 +3,11 @@
 `NAME_MAP` maps each of our parameter names to the Hugging Face tensor names it is made of. A fused parameter
 (q/k/v, gate/up) lists several names, joined along dim 0 on import and split back with `SPLIT_SIZES` on export,
 so import then export returns the same tensors bit for bit. Checkpoints are read lazily tensor by tensor
-(`safe_open`) into a model built on the meta device, so loading never holds two copies of the weights; the
-trade-off is that a dtype/device cast happens per tensor rather than once.
+(`safe_open`) into a model built on the meta device, and every tensor the model keeps is a copy with memory of its
+own, never a view of the file's memory map (one kept view would keep every page read while loading resident for
+the model's life). Trade-offs: a dtype/device cast happens per tensor rather than once, and until the file is
+closed at the end of loading its pages read so far (clean, reclaimable file pages) count in the process's
+resident set beside the copies.
 """
 
 from __future__ import annotations
@@ -163,18 +166,19 @@ def from_pretrained(
     if unexpected:
         raise UnitrainError(f"{directory}: unexpected tensor {unexpected[0]} for {config.architecture}")
     dtype = dtype or torch.float32
-    state = {name: _owned_copy(state.pop(name), device, dtype) for name in list(state)}
+    for name in list(state):  # one at a time: a tensor read is let go as soon as its copy exists
+        joined = len(hf_names(name)[1]) > 1  # made by torch.cat: memory of its own already
+        state[name] = _owned(state.pop(name), device, dtype, joined)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
-def _owned_copy(tensor: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype` on `device`, in memory of its own. A tensor read in the file's dtype is a view of
-    safetensors' memory map, and one such view keeps the whole mapping alive: every page read while loading
-    (the q/k/v and gate/up parts copied into fused weights included) would stay in the process's resident set
-    for the model's life, 0.27 GB per SmolLM2-135M model."""
+def _owned(tensor: torch.Tensor, device, dtype: torch.dtype, joined: bool) -> torch.Tensor:
+    """`tensor` in `dtype` on `device`, in memory of its own. One read in the file's dtype is a view of
+    safetensors' memory map, and one such view kept by the model keeps the whole map alive: every page read while
+    loading, the q/k/v and gate/up parts of the fused weights included, 0.27 GB per SmolLM2-135M model."""
     moved = tensor.to(device=device, dtype=dtype)
-    return moved.clone() if moved is tensor else moved
+    return moved.clone() if moved is tensor and not joined else moved
 
 
 def _parse_size(size: int | str) -> int:
