@@ -40,13 +40,16 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-_recomputed: list[tuple[int, int, list]] = []  # (address, bytes, [recipe or its value]) of the open contexts
+_recomputed: list[
+    tuple[tuple[int, int], list]
+] = []  # ((address, bytes), [recipe or its value]) of open contexts
 
 
 def _pack(saved: torch.Tensor):  # noqa: ANN202
     storage = saved.untyped_storage()
-    for address, size, recipe in _recomputed:
-        if storage.data_ptr() == address and storage.nbytes() == size:
+    memory = (storage.data_ptr(), storage.nbytes())
+    for known, recipe in _recomputed:
+        if known == memory:
             return recipe, saved.size(), saved.stride(), saved.storage_offset()
     return saved  # kept as autograd would keep it
 
@@ -61,28 +64,35 @@ def _unpack(packed) -> torch.Tensor:  # noqa: ANN001
     return recipe[0].as_strided(shape, stride, offset)
 
 
+def _foreign_hooks_in_force() -> bool:
+    """Saved-tensor hooks other than ours are in force (activation checkpointing's, a caller's), or this torch
+    cannot tell."""
+    if _top_saved_tensors_hooks is None:
+        return True
+    top = _top_saved_tensors_hooks(False)
+    return top is not None and top[0] is not _pack
+
+
 @contextlib.contextmanager
 def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
     """A context in which every op that saves `tensor` (or a view of it) for the backward, such as the Linear or
     the LoRA projection that consumes it, saves a recipe instead: `recompute()` runs when the backward first asks
     for it, so `tensor` is not kept from forward to backward. `recompute` must repeat the forward's ops on inputs
-    the graph keeps anyway: the backward sees the same bits and the recipe costs no memory. Contexts nest.
+    the graph keeps anyway: the backward sees the same bits and the recipe costs no memory. Contexts nest (one
+    list of open recipes serves every level).
 
     Nothing changes without autograd, and nothing changes under another saved-tensor hook (activation
     checkpointing's, which recomputes the whole layer anyway, or a caller's): it is never shadowed."""
-    top = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks is not None else ()
-    nested = top is not None and len(top) == 2 and top[0] is _pack
     storage = tensor.untyped_storage()
-    if not torch.is_grad_enabled() or (top is not None and not nested) or storage.data_ptr() == 0:
-        yield  # no autograd, someone else's hooks (or no way to tell), or no memory to tell the tensor by
+    if (
+        not torch.is_grad_enabled() or _foreign_hooks_in_force() or storage.data_ptr() == 0
+    ):  # 0: a meta tensor
+        yield
         return
-    _recomputed.append((storage.data_ptr(), storage.nbytes(), [recompute]))
+    _recomputed.append(((storage.data_ptr(), storage.nbytes()), [recompute]))
     try:
-        if nested:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             yield
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-                yield
     finally:
         _recomputed.pop()
 
