@@ -56,9 +56,8 @@ def ranking_metrics(totals: dict[str, float], prefix: str = "") -> dict[str, flo
 
 
 SAMPLES_FILE = "samples.jsonl"  # completions of eval.samples, one row per prompt and validation
-PAIRS_FILE = (
-    "validation_pairs.jsonl"  # per held-out pair numbers of each DPO validation, one row per validation
-)
+# per held-out pair numbers of each DPO validation, one row per validation
+PAIRS_FILE = "validation_pairs.jsonl"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -98,11 +97,11 @@ class MetricsWriter:
             self.path.write_text("")
             self.samples_path.unlink(missing_ok=True)
             self.pairs_path.unlink(missing_ok=True)
-        # Lines past the checkpoint came from the interrupted run; the resumed run writes them again.
-        for path in (self.path, self.samples_path, self.pairs_path):
-            if resume_step is not None and path.exists():
-                kept = [row for row in read_metrics(path) if row["step"] <= resume_step]
-                path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+        else:  # lines past the checkpoint came from the interrupted run; the resumed run writes them again
+            for path in (self.path, self.samples_path, self.pairs_path):
+                if path.exists():
+                    kept = [row for row in read_metrics(path) if row["step"] <= resume_step]
+                    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
